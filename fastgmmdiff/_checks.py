@@ -1,0 +1,227 @@
+"""Input checks and the canonical layout every backend receives.
+
+Host-side checks (shapes, covariance type, dtypes, devices) always run and never read tensor
+values, so they cost no device synchronisation.  Value checks (finite parameters, positive
+Cholesky diagonal, NaN-free points) read values and run only when asked for
+(``validate=True`` or ``FASTGMMDIFF_VALIDATE=1``).
+
+Canonical layout handed to the ops (G = number of mixtures, 1 when the caller gave no G axis):
+
+====================  =====================================================
+``x``                 ``[Gx, N, D]`` with ``Gx`` equal to 1 (shared points) or G
+``means``             ``[G, K, D]``
+``prec_chol``         diag ``[G, K, D]``, spherical ``[G, K]``, full ``[G, K, D, D]``
+``logits``            ``[G, K]``
+====================  =====================================================
+
+Parameters given without a G axis are broadcast with ``expand`` (autograd sums their
+gradient back).  ``"tied"`` is turned into ``"full"`` with one U shared by all components.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+COVARIANCE_TYPES = ("diag", "spherical", "full", "tied")
+REDUCTIONS = ("mean", "sum", "none")
+
+# Number of dimensions of prec_chol *without* the optional G axis.
+_PREC_NDIM = {"diag": 2, "spherical": 1, "full": 3, "tied": 2}
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def validate_requested(validate: bool) -> bool:
+    """True when value checks must run (argument or ``FASTGMMDIFF_VALIDATE=1``)."""
+    return bool(validate) or os.environ.get("FASTGMMDIFF_VALIDATE", "") not in ("", "0")
+
+
+@dataclass
+class Canonical:
+    x: torch.Tensor  # [Gx, N, D]
+    means: torch.Tensor  # [G, K, D]
+    prec_chol: torch.Tensor  # per covariance type, with G
+    logits: torch.Tensor  # [G, K]
+    covariance_type: str  # "diag" | "spherical" | "full"
+    out_shape: tuple  # shape of the result: (N,) or (G, N)
+    dtype: torch.dtype  # promoted dtype of the inputs (result dtype)
+
+    @property
+    def G(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def N(self) -> int:
+        return self.x.shape[1]
+
+
+def check_covariance_type(covariance_type) -> str:
+    if covariance_type not in COVARIANCE_TYPES:
+        raise ValueError(
+            f"covariance_type must be one of {', '.join(map(repr, COVARIANCE_TYPES))}; "
+            f"got {covariance_type!r}"
+        )
+    return covariance_type
+
+
+def prepare(x, means, prec_chol, logits, covariance_type) -> Canonical:
+    """Check shapes, dtypes and devices; return the canonical layout (see module docstring)."""
+    cov = check_covariance_type(covariance_type)
+    named = {"x": x, "means": means, "prec_chol": prec_chol, "logits": logits}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+    devices = {t.device for t in named.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{n} on {t.device}" for n, t in named.items())
+        raise ValueError(f"all tensors must be on one device; got {listing}")
+
+    if means.dim() not in (2, 3):
+        raise ValueError(f"means must be [K, D] or [G, K, D]; got shape {_shape(means)}")
+    K, D = means.shape[-2:]
+    if K == 0:
+        raise ValueError("the mixture has no components: means has K = 0 " f"(shape {_shape(means)})")
+    if D == 0:
+        raise ValueError(f"points must have at least one dimension: means has D = 0 (shape {_shape(means)})")
+    if x.dim() not in (2, 3) or x.shape[-1] != D:
+        raise ValueError(
+            f"x must be [N, D] or [G, N, D] with D = {D} (from means {_shape(means)}); "
+            f"got x of shape {_shape(x)}"
+        )
+
+    pd = _PREC_NDIM[cov]
+    expect = {
+        "diag": f"[K, D] = [{K}, {D}]",
+        "spherical": f"[K] = [{K}]",
+        "full": f"[K, D, D] = [{K}, {D}, {D}]",
+        "tied": f"[D, D] = [{D}, {D}]",
+    }[cov]
+    want = {"diag": (K, D), "spherical": (K,), "full": (K, D, D), "tied": (D, D)}[cov]
+    if prec_chol.dim() not in (pd, pd + 1) or tuple(prec_chol.shape[-pd:]) != want:
+        raise ValueError(
+            f"prec_chol for covariance_type={cov!r} must be {expect}, with an optional "
+            f"leading G axis; got shape {_shape(prec_chol)} (means {_shape(means)})"
+        )
+    if logits.dim() not in (1, 2) or logits.shape[-1] != K:
+        raise ValueError(
+            f"logits must be [K] or [G, K] with K = {K} (from means {_shape(means)}); "
+            f"got shape {_shape(logits)}"
+        )
+
+    # The mixture-batch axis: every tensor that carries one must agree.
+    gs = {}
+    if x.dim() == 3:
+        gs["x"] = x.shape[0]
+    if means.dim() == 3:
+        gs["means"] = means.shape[0]
+    if prec_chol.dim() == pd + 1:
+        gs["prec_chol"] = prec_chol.shape[0]
+    if logits.dim() == 2:
+        gs["logits"] = logits.shape[0]
+    if len(set(gs.values())) > 1:
+        listing = ", ".join(f"{n} {_shape(named[n])}" for n in gs)
+        raise ValueError(f"the leading mixture-batch axis G differs between tensors: {listing}")
+    G = next(iter(gs.values())) if gs else 1
+    batched = bool(gs)
+    N = x.shape[-2]
+
+    dtype = x.dtype
+    for t in (means, prec_chol, logits):
+        dtype = torch.promote_types(dtype, t.dtype)
+
+    xc = x.to(dtype)
+    xc = xc.unsqueeze(0) if xc.dim() == 2 else xc
+    mc = means.to(dtype)
+    mc = mc.expand(G, K, D) if mc.dim() == 2 else mc
+    pc = prec_chol.to(dtype)
+    if pc.dim() == pd:
+        pc = pc.unsqueeze(0)
+    if cov == "tied":
+        pc = pc.unsqueeze(1).expand(pc.shape[0], K, D, D)
+        cov = "full"
+    pc = pc.expand((G,) + tuple(pc.shape[1:]))
+    lc = logits.to(dtype)
+    lc = lc.expand(G, K) if lc.dim() == 1 else lc
+    out_shape = (G, N) if batched else (N,)
+    return Canonical(xc, mc, pc, lc, cov, out_shape, dtype)
+
+
+def check_values(c: Canonical) -> None:
+    """Raise ValueError naming the first bad component (reads values: syncs the device)."""
+    G, K = c.logits.shape
+
+    def where(mask_gk: torch.Tensor) -> str:
+        g, k = (int(i) for i in mask_gk.nonzero()[0])
+        return f"g={g}, k={k}" if G > 1 else f"k={k}"
+
+    bad = ~torch.isfinite(c.means).all(-1)
+    if bad.any():
+        raise ValueError(f"means[{where(bad)}] has a non-finite entry")
+    if c.covariance_type == "spherical":
+        diag = c.prec_chol.unsqueeze(-1)
+        full_ok = torch.isfinite(c.prec_chol)
+    elif c.covariance_type == "diag":
+        diag = c.prec_chol
+        full_ok = torch.isfinite(c.prec_chol).all(-1)
+    else:
+        diag = torch.diagonal(c.prec_chol, dim1=-2, dim2=-1)
+        full_ok = torch.isfinite(c.prec_chol.triu()).flatten(-2).all(-1)
+    bad = ~full_ok
+    if bad.any():
+        raise ValueError(f"prec_chol[{where(bad)}] has a non-finite entry")
+    bad = ~(diag > 0).all(-1)
+    if bad.any():
+        raise ValueError(
+            f"prec_chol[{where(bad)}] has a non-positive diagonal entry; the precision "
+            "Cholesky factor must have a positive diagonal (scikit-learn's precisions_cholesky_)"
+        )
+    bad = torch.isnan(c.logits) | (c.logits == float("inf"))
+    if bad.any():
+        raise ValueError(f"logits[{where(bad)}] is NaN or +inf")
+    dead = (c.logits == float("-inf")).all(-1)
+    if dead.any():
+        g = int(dead.nonzero()[0, 0])
+        raise ValueError(f"logits of mixture g={g} are all -inf: the mixture has no weight")
+    if torch.isnan(c.x).any():
+        idx = torch.isnan(c.x).any(-1).nonzero()[0]
+        raise ValueError(f"x has a NaN coordinate at point n={int(idx[1])}")
+
+
+def check_target(target, out_shape, K: int, device) -> torch.Tensor:
+    """Check an NGMG ``target`` (component index per point); return it as int64 ``out_shape``."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be an integer torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must have an integer dtype, got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the points are on {device}")
+    N = out_shape[-1]
+    if tuple(target.shape) != tuple(out_shape) and tuple(target.shape) != (N,):
+        allowed = f"{tuple(out_shape)}" + (f" or ({N},)" if len(out_shape) == 2 else "")
+        raise ValueError(f"target must have shape {allowed} (one index per point); got {_shape(target)}")
+    t = target.long().expand(out_shape) if len(out_shape) == 2 else target.long()
+    # Range check: reads values, but an out-of-range index would otherwise crash the device
+    # (CUDA assert) or read out of bounds.  Skipped only while tracing/capturing, where a sync
+    # is impossible.
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if t.numel() and not torch.compiler.is_compiling() and not capturing:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= K:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"target holds {bad}, outside the component range [0, {K})")
+    return t
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}"
+        )
+    return reduction

@@ -1,0 +1,85 @@
+"""Backend registry and per-call dispatch.
+
+A backend is a pair of registered ops (see ``_autograd``) plus the device types it serves and
+a probe that says whether it can run here (and if not, why).  Nothing is swapped at import:
+``resolve`` picks per call from the tensors' device.
+
+``backend="auto"`` takes the first available backend of ``AUTO_ORDER[device type]``; other
+device types get ``"torch"``.  The order is the measured one: see the README's "Backends"
+section, which states the rule and the measurements behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device_types: Optional[tuple]  # None: any device
+    probe: Callable[[], Optional[str]]  # returns None when available, else the reason
+    op: Callable[[], Callable]  # returns the forward op (called only when available)
+    how_to_get: str
+
+
+_REGISTRY: dict = {}
+
+# Preference for backend="auto" per device type (see module docstring).
+AUTO_ORDER = {
+    "cpu": ("cpu", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
+}
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+_PROBED: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def unavailable_reason(name: str) -> Optional[str]:
+    """None when backend ``name`` can run here, else why not (probed once, then cached)."""
+    if name not in _PROBED:
+        _PROBED[name] = _REGISTRY[name].probe()
+    return _PROBED[name]
+
+
+def available_backends() -> list:
+    """Names of the backends that can run in this process, in registry order."""
+    return [n for n in _REGISTRY if unavailable_reason(n) is None]
+
+
+def resolve(backend: str, device: torch.device) -> Backend:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if name in _REGISTRY and unavailable_reason(name) is None:
+                return _REGISTRY[name]
+        return _REGISTRY["torch"]
+    if backend not in _REGISTRY:
+        raise ValueError(f"unknown backend {backend!r}; known: 'auto', " + ", ".join(map(repr, _REGISTRY)))
+    b = _REGISTRY[backend]
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}. {b.how_to_get}")
+    if b.device_types is not None and device.type not in b.device_types:
+        raise ValueError(
+            f"backend {backend!r} runs on {', '.join(b.device_types)} tensors; these are on {device}"
+        )
+    return b
+
+
+def _torch_op():
+    from . import _torch_ops  # noqa: F401  (registers the ops)
+
+    return torch.ops.fastgmmdiff.log_prob_torch
+
+
+register(Backend("torch", None, lambda: None, _torch_op, ""))

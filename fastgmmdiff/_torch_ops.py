@@ -1,0 +1,159 @@
+"""The ``"torch"`` backend: fused-by-formula log-density forward and backward in plain PyTorch.
+
+Runs on any device PyTorch runs on.  It follows the same plan as the compiled kernels, with
+PyTorch tensor ops in place of a kernel:
+
+* forward: for each chunk of points, ℓ_nk = a_k − ½‖U_kᵀ(x_n − μ_k)‖² with
+  a_k = log π_k + Σ_d log U_k[d,d] − D/2·log 2π, then log p_n = logsumexp_k ℓ_nk.
+  Only log p (N floats per mixture) is kept.
+* backward: recompute ℓ for the chunk, r_nk = exp(ℓ_nk − log p_n), w_nk = g_n r_nk and the
+  gradients of SPEC §1 written out by hand (no autograd through the chunk):
+
+      ∂x_n = −Σ_k w_nk Λ_k z_nk            ∂μ_k = Σ_n w_nk Λ_k z_nk
+      ∂logits_k = Σ_n w_nk − π_k Σ_n g_n
+      diag  ∂s_kd = Σ_n w_nk (1/s_kd − s_kd z²_nkd)
+      sph.  ∂s_k  = Σ_n w_nk (D/s_k − s_k ‖z_nk‖²)
+      full  ∂U_k  = triu(diag(Σ_n w_nk / U_k[d,d]) − Σ_n w_nk z_nk y_nkᵀ),  y = U_kᵀ z
+
+Chunks hold at most ``_CHUNK_ELEMS`` elements of the [G, C, K, D] intermediate, so memory is
+O(G·C·K·D) for a fixed budget instead of O(N·K·D).
+
+−inf rows: a row whose every ℓ is −inf has log p = −inf; its upstream gradient is zeroed, so it
+contributes nothing anywhere.  Inside a live row a component with r = 0 is masked out before
+any product with z, so an overflowing distance (z² = inf) never meets a zero (0·inf = NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._autograd import register_log_prob_op
+
+_CHUNK_ELEMS = 1 << 22  # elements of the [G, C, K, D] intermediate per chunk (16 MiB in fp32)
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _log_det(prec: Tensor, cov: str, D: int) -> Tensor:
+    if cov == "diag":
+        return prec.log().sum(-1)
+    if cov == "spherical":
+        return D * prec.log()
+    return torch.diagonal(prec, dim1=-2, dim2=-1).log().sum(-1)
+
+
+def _chunk(G: int, K: int, D: int) -> int:
+    return max(1, _CHUNK_ELEMS // max(1, G * K * D))
+
+
+def _quad(z: Tensor, prec: Tensor, cov: str):
+    """For z [G, C, K, D]: (y, q) with y = U_kᵀ z (None for spherical) and q = ‖y‖²."""
+    if cov == "diag":
+        y = z * prec[:, None]
+        return y, (y * y).sum(-1)
+    if cov == "spherical":
+        return None, (z * z).sum(-1) * (prec * prec)[:, None]
+    y = torch.einsum("gckd,gkde->gcke", z, prec)
+    return y, (y * y).sum(-1)
+
+
+def _prepare(x, means, prec, logits, cov):
+    dt = acc_dtype(x.dtype)
+    x, means, prec, logits = (t.to(dt) for t in (x, means, prec, logits))
+    if cov == "full":
+        prec = prec.triu()
+    D = means.shape[-1]
+    const = torch.log_softmax(logits, -1) + _log_det(prec, cov, D) - 0.5 * D * LOG_2PI
+    return x, means, prec, logits, const
+
+
+def log_prob_fwd(x: Tensor, means: Tensor, prec: Tensor, logits: Tensor, cov: str) -> Tensor:
+    """log p: [G, N] in the accumulation dtype (canonical layout, see _checks)."""
+    x, means, prec, logits, const = _prepare(x, means, prec, logits, cov)
+    G, K, D = means.shape
+    N = x.shape[1]
+    out = torch.empty(G, N, dtype=x.dtype, device=x.device)
+    C = _chunk(G, K, D)
+    for n0 in range(0, N, C):
+        z = x[:, n0:n0 + C, None, :] - means[:, None]
+        _, q = _quad(z, prec, cov)
+        out[:, n0:n0 + C] = torch.logsumexp(const[:, None, :] - 0.5 * q, -1)
+    return out
+
+
+def log_prob_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, logits: Tensor,
+                 logp: Tensor, cov: str):
+    """Gradients (x, means, prec_chol, logits) of Σ grad·log p, each in its input's dtype."""
+    in_dtypes = [t.dtype for t in (x, means, prec, logits)]
+    x, means, prec, logits, const = _prepare(x, means, prec, logits, cov)
+    G, K, D = means.shape
+    Gx, N, _ = x.shape
+    dead = ~torch.isfinite(logp)  # −inf rows (NaN rows come from NaN inputs)
+    g = torch.where(dead, 0.0, grad.to(x.dtype))
+    lp = torch.where(dead, 0.0, logp.to(x.dtype))
+
+    gx = torch.empty(Gx, N, D, dtype=x.dtype, device=x.device)
+    gmu = torch.zeros_like(means)
+    gprec = torch.zeros_like(prec)
+    W = torch.zeros(G, K, dtype=x.dtype, device=x.device)  # Σ_n w_nk
+    C = _chunk(G, K, D)
+    for n0 in range(0, N, C):
+        n1 = min(N, n0 + C)
+        z = x[:, n0:n1, None, :] - means[:, None]
+        y, q = _quad(z, prec, cov)
+        r = torch.exp(const[:, None, :] - 0.5 * q - lp[:, n0:n1, None])
+        w = g[:, n0:n1, None] * r  # [G, C, K]
+        live = (w != 0)[..., None]
+        zm = torch.where(live, z, 0.0)  # masked: finite wherever it is used
+        wz = w[..., None] * zm
+        if cov == "full":
+            ym = torch.where(live, y, 0.0)
+            wlz = torch.einsum("gkde,gcke->gckd", prec, w[..., None] * ym)  # w Λ z = w U Uᵀ z
+            gprec -= torch.einsum("gckd,gcke->gkde", wz, ym)
+        else:
+            s2 = (prec * prec)[:, None]
+            wlz = wz * (s2 if cov == "diag" else s2[..., None])
+            if cov == "diag":
+                gprec -= prec * (wz * zm).sum(1)
+            else:
+                gprec -= prec * (wz * zm).sum((1, 3))
+        gxc = -wlz.sum(2)
+        gx[:, n0:n1] = gxc.sum(0, keepdim=True) if Gx == 1 and G > 1 else gxc
+        gmu += wlz.sum(1)
+        W += w.sum(1)
+
+    if cov == "diag":
+        gprec += W[..., None] / prec
+    elif cov == "spherical":
+        gprec += D * W / prec
+    else:
+        diag = torch.diagonal(prec, dim1=-2, dim2=-1)
+        gprec += torch.diag_embed(W[..., None] / diag)
+        gprec = gprec.triu()
+    glog = W - torch.softmax(logits, -1) * g.sum(-1, keepdim=True)
+    return tuple(t.to(d) for t, d in zip((gx, gmu, gprec, glog), in_dtypes))
+
+
+# --- op registration -------------------------------------------------------------------------
+
+@torch.library.custom_op("fastgmmdiff::log_prob_torch", mutates_args=())
+def log_prob_torch(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
+                   covariance_type: str) -> Tensor:
+    return log_prob_fwd(x, means, prec_chol, logits, covariance_type)
+
+
+@torch.library.custom_op("fastgmmdiff::log_prob_torch_backward", mutates_args=())
+def log_prob_torch_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor,
+                            logits: Tensor, logp: Tensor, covariance_type: str
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return log_prob_bwd(grad, x, means, prec_chol, logits, logp, covariance_type)
+
+
+register_log_prob_op("fastgmmdiff::log_prob_torch", "fastgmmdiff::log_prob_torch_backward")

@@ -1,0 +1,71 @@
+"""Random problems, the float64 oracle and the error measure shared by tests and benchmarks,
+so that the thing timed is the thing checked.
+
+Tolerances (stated once here; tests and benchmarks import them, nobody widens them):
+
+* float32 (and float64 inputs, which must do at least as well):
+  ‖out − ref‖ / ‖ref‖ ≤ 1e-5 for log p and NGMG values, ≤ 1e-4 for gradients, against the
+  float64 reference on the same inputs (PERF.md's accuracy bar).
+* bf16 / fp16 inputs: at most twice the error of the same reference computed by plain PyTorch
+  at that dtype (STYLE.md) — the package upcasts inside, so it is usually far better.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+RTOL_VALUE = 1e-5
+RTOL_GRAD = 1e-4
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are all-zero)."""
+    out = out.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    num = torch.linalg.vector_norm(out - ref)
+    den = torch.linalg.vector_norm(ref)
+    if den == 0:
+        return float(num)
+    return float(num / den)
+
+
+def random_problem(covariance_type="diag", G=None, N=64, K=4, D=3, *, dtype=torch.float32,
+                   device="cpu", seed=0, x_batched=True, requires_grad=False):
+    """A mixture batch and points near it, as a dict of gmm_log_prob's arguments.
+
+    Means ~ N(0, 2²); 1/σ in [0.5, 2]; full factors are upper triangular with a diagonal in
+    [0.5, 2] and off-diagonal entries ~ N(0, 0.3²); logits ~ N(0, 1).  Half the points are
+    drawn from the components, half from N(0, 3²), so both near and far points are covered.
+    ``G=None``: no mixture-batch axis.  ``x_batched=False`` with G: x is ``[N, D]``, shared.
+    """
+    g = torch.Generator().manual_seed(seed)
+    gs = () if G is None else (G,)
+    f64 = dict(dtype=torch.float64, generator=g)
+    means = 2.0 * torch.randn(gs + (K, D), **f64)
+    if covariance_type == "diag":
+        prec = 0.5 + 1.5 * torch.rand(gs + (K, D), **f64)
+    elif covariance_type == "spherical":
+        prec = 0.5 + 1.5 * torch.rand(gs + (K,), **f64)
+    elif covariance_type == "full":
+        off = 0.3 * torch.randn(gs + (K, D, D), **f64)
+        prec = off.triu(1) + torch.diag_embed(0.5 + 1.5 * torch.rand(gs + (K, D), **f64))
+    else:
+        raise ValueError(f"random_problem covers diag, spherical, full; got {covariance_type!r}")
+    logits = torch.randn(gs + (K,), **f64)
+    xs = (gs if x_batched else ()) + (N, D)
+    far = 3.0 * torch.randn(xs, **f64)
+    kidx = torch.randint(0, K, (N,), generator=g)
+    anchor = means[0, kidx] if (gs and not x_batched) else means[..., kidx, :]
+    near = anchor + torch.randn(xs, **f64) / 1.5
+    pick = torch.rand(xs[:-1] + (1,), generator=g) < 0.5
+    x = torch.where(pick, near, far)
+    out = dict(x=x, means=means, prec_chol=prec, logits=logits)
+    return {k: v.to(dtype=dtype, device=device).requires_grad_(requires_grad) for k, v in out.items()}
+
+
+def reference_log_prob(p: dict, covariance_type: str, form: str = "broadcast"):
+    """The float64 oracle for a problem dict (inputs cast to float64, graph kept)."""
+    args = [p[k].to(torch.float64) for k in ("x", "means", "prec_chol", "logits")]
+    return reference.gmm_log_prob(*args, covariance_type, form=form)

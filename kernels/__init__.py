@@ -1,0 +1,1 @@
+"""Triton kernels (backend "triton"); installed as fastgmmdiff.kernels.  See README.md here."""

@@ -1,0 +1,27 @@
+"""Shared fixtures.  Random data is drawn fresh for every run: the session seed comes from
+FASTGMMDIFF_TEST_SEED when set (to replay a failure) and is printed in pytest's header."""
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+SESSION_SEED = int(os.environ.get("FASTGMMDIFF_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    import fastgmmdiff
+
+    return [f"fastgmmdiff {fastgmmdiff.__version__} from {os.path.dirname(fastgmmdiff.__file__)}",
+            f"backends: {fastgmmdiff.available_backends()}",
+            f"FASTGMMDIFF_TEST_SEED={SESSION_SEED} (set it to replay this run's data)"]
+
+
+@pytest.fixture
+def seed(request):
+    """A seed fresh for each run, distinct per test (mixes in the test's id)."""
+    s = (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(s)
+    return s

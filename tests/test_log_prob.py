@@ -1,0 +1,146 @@
+"""gmm_log_prob against the float64 reference: values, gradients, layouts, dtypes, −inf rows."""
+
+import pytest
+import torch
+
+import fastgmmdiff as fg
+from fastgmmdiff import reference
+from fastgmmdiff.testing import RTOL_GRAD, RTOL_VALUE, random_problem, reference_log_prob, rel_err
+
+COVS = ["diag", "spherical", "full"]
+ARGS = ("x", "means", "prec_chol", "logits")
+
+
+def _grads(out, p, upstream):
+    return torch.autograd.grad(out, [p[k] for k in ARGS], upstream)
+
+
+def _check_against_reference(p, cov, backend="torch", shape_out=None):
+    out = fg.gmm_log_prob(*(p[k] for k in ARGS), cov, backend=backend)
+    ref = reference_log_prob(p, cov)
+    assert out.shape == ref.shape
+    if shape_out is not None:
+        assert tuple(out.shape) == shape_out
+    assert out.dtype == p["x"].dtype
+    assert rel_err(out, ref) <= RTOL_VALUE
+    up = torch.randn_like(ref)
+    for name, a, b in zip(ARGS, _grads(out, p, up.to(out.dtype)), _grads(ref, p, up)):
+        assert a.shape == p[name].shape and a.dtype == p[name].dtype
+        assert rel_err(a, b) <= RTOL_GRAD, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("G,x_batched", [(None, True), (3, True), (3, False)])
+def test_matches_float64_reference(cov, dtype, G, x_batched, seed):
+    p = random_problem(cov, G, N=37, K=5, D=6, dtype=dtype, seed=seed, x_batched=x_batched,
+                       requires_grad=True)
+    _check_against_reference(p, cov, shape_out=(37,) if G is None else (G, 37))
+
+
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("N,K,D", [(1, 1, 1), (1, 3, 5), (9, 1, 4), (5, 2, 59), (3, 2, 257), (300, 7, 3)])
+def test_odd_sizes(cov, N, K, D, seed):
+    p = random_problem(cov, None, N=N, K=K, D=D, seed=seed, requires_grad=True)
+    _check_against_reference(p, cov)
+
+
+def test_reference_forms_agree(seed):
+    for cov in COVS:
+        p = random_problem(cov, 2, N=20, K=3, D=4, dtype=torch.float64, seed=seed)
+        a = reference_log_prob(p, cov, "broadcast")
+        b = reference_log_prob(p, cov, "matmul")
+        assert rel_err(b, a) < 1e-12
+
+
+@pytest.mark.parametrize("cov", COVS)
+def test_partially_batched_parameters_broadcast(cov, seed):
+    """Parameters without the G axis are shared by every mixture (and their gradient sums)."""
+    p = random_problem(cov, 4, N=10, K=3, D=2, dtype=torch.float64, seed=seed)
+    shared_logits = p["logits"][0].clone().requires_grad_()
+    means = p["means"].clone().requires_grad_()
+    out = fg.gmm_log_prob(p["x"], means, p["prec_chol"], shared_logits, cov)
+    ref = reference.gmm_log_prob(p["x"], means, p["prec_chol"], shared_logits, cov)
+    assert out.shape == (4, 10)
+    assert rel_err(out, ref) < 1e-12
+    ga = torch.autograd.grad(out.sum(), shared_logits)[0]
+    gb = torch.autograd.grad(ref.sum(), shared_logits)[0]
+    assert ga.shape == (3,) and rel_err(ga, gb) < 1e-10
+
+
+def test_tied_is_full_with_one_factor(seed):
+    p = random_problem("full", None, N=15, K=4, D=3, dtype=torch.float64, seed=seed)
+    U = p["prec_chol"][0]
+    tied = fg.gmm_log_prob(p["x"], p["means"], U, p["logits"], "tied")
+    full = fg.gmm_log_prob(p["x"], p["means"], U.expand(4, 3, 3), p["logits"], "full")
+    torch.testing.assert_close(tied, full, rtol=0, atol=1e-12)
+
+
+def test_full_ignores_lower_triangle(seed):
+    p = random_problem("full", None, N=8, K=2, D=4, dtype=torch.float64, seed=seed)
+    U = p["prec_chol"].clone()
+    noisy = (U + torch.randn_like(U).tril(-1)).requires_grad_()
+    out = fg.gmm_log_prob(p["x"], p["means"], noisy, p["logits"], "full")
+    torch.testing.assert_close(out, fg.gmm_log_prob(p["x"], p["means"], U, p["logits"], "full"))
+    (g,) = torch.autograd.grad(out.sum(), noisy)
+    assert torch.all(g.tril(-1) == 0)
+
+
+@pytest.mark.parametrize("cov", COVS)
+def test_gradcheck_float64(cov, seed):
+    p = random_problem(cov, 2, N=4, K=3, D=3, dtype=torch.float64, seed=seed, requires_grad=True)
+    if cov == "full":
+        # gradcheck perturbs every entry; the lower triangle must then have zero gradient.
+        p["prec_chol"] = p["prec_chol"].detach().triu().requires_grad_()
+    f = lambda *a: fg.gmm_log_prob(*a, cov)  # noqa: E731
+    assert torch.autograd.gradcheck(f, [p[k] for k in ARGS])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cov", COVS)
+def test_half_inputs_upcast_inside(cov, dtype, seed):
+    """bf16/fp16 in, same dtype out, computed in float32: the error against float64 (on the
+    rounded inputs) is at most that of rounding the true result, and at most 2× plain PyTorch
+    at that dtype."""
+    p = random_problem(cov, None, N=64, K=4, D=8, dtype=dtype, seed=seed, requires_grad=True)
+    out = fg.gmm_log_prob(*(p[k] for k in ARGS), cov)
+    assert out.dtype == dtype
+    ref = reference_log_prob(p, cov)
+    plain = reference.gmm_log_prob(*(p[k].detach() for k in ARGS), cov)  # at that dtype
+    assert rel_err(out, ref) <= 2 * rel_err(plain, ref)
+    assert rel_err(out, ref) <= 2 * rel_err(ref.to(dtype), ref)  # only the final rounding
+    up = torch.randn_like(ref)
+    for a, b in zip(_grads(out, p, up.to(dtype)), _grads(ref, p, up)):
+        assert a.dtype == dtype
+        assert rel_err(a, b) <= 4 * rel_err(b.to(dtype), b) + 1e-2
+
+
+@pytest.mark.parametrize("cov", COVS)
+def test_dead_rows_are_minus_inf_with_zero_gradients(cov, seed):
+    p = random_problem(cov, None, N=6, K=3, D=4, seed=seed)
+    x = p["x"].clone()
+    x[1] = 1e30  # ‖x − μ‖² overflows float32: every ℓ is −inf
+    x[4, 0] = float("inf")
+    x.requires_grad_()
+    params = [p[k].clone().requires_grad_() for k in ARGS[1:]]
+    out = fg.gmm_log_prob(x, *params, cov)
+    assert out[1] == -float("inf") and out[4] == -float("inf")
+    live = [0, 2, 3, 5]
+    ref = reference.gmm_log_prob(x.detach()[live].double(), *(t.detach().double() for t in params), cov)
+    assert rel_err(out[live], ref) <= RTOL_VALUE
+    grads = torch.autograd.grad(out[live].sum() + 0 * out.sum(), [x, *params], allow_unused=False)
+    # Same upstream on dead rows: their contributions must vanish, not become NaN.
+    grads_all = torch.autograd.grad(fg.gmm_log_prob(x, *params, cov).sum(), [x, *params])
+    for a, b in zip(grads, grads_all):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b)
+    assert torch.all(grads_all[0][1] == 0) and torch.all(grads_all[0][4] == 0)
+
+
+def test_empty_points_give_empty_result():
+    p = random_problem("diag", 2, N=3, K=2, D=3, requires_grad=True)
+    x = torch.zeros(2, 0, 3, requires_grad=True)
+    out = fg.gmm_log_prob(x, p["means"], p["prec_chol"], p["logits"])
+    assert out.shape == (2, 0)
+    out.sum().backward()
+    assert torch.all(p["means"].grad == 0)

@@ -1,0 +1,123 @@
+"""GaussianMixture, and agreement with scikit-learn on real data (the bundled digits)."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.decomposition import PCA
+from sklearn.mixture import GaussianMixture as SkGMM
+
+import fastgmmdiff as fg
+from fastgmmdiff.testing import RTOL_VALUE, rel_err
+
+
+@pytest.fixture(scope="module")
+def digits_pca():
+    X = load_digits().data
+    return PCA(n_components=12, random_state=0).fit_transform(X)
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "full", "tied"])
+def test_matches_sklearn_score_samples(digits_pca, cov):
+    sk = SkGMM(n_components=6, covariance_type=cov, random_state=0, max_iter=50).fit(digits_pca)
+    expect = sk.score_samples(digits_pca)
+    x64 = torch.from_numpy(digits_pca)
+    # The functional API on scikit-learn's own arrays (tied passed as such).
+    out = fg.gmm_log_prob(x64, torch.from_numpy(sk.means_), torch.from_numpy(sk.precisions_cholesky_),
+                          torch.from_numpy(np.log(sk.weights_)), cov)
+    np.testing.assert_allclose(out.numpy(), expect, rtol=1e-10, atol=1e-9)
+    # The module, float32 (tied arrives as full).
+    m = fg.GaussianMixture.from_sklearn(sk)
+    assert m.covariance_type == ("full" if cov == "tied" else cov)
+    with torch.no_grad():
+        out32 = m.log_prob(x64.float())
+    assert out32.dtype == torch.float32
+    assert rel_err(out32, torch.from_numpy(expect)) <= RTOL_VALUE
+    # And back.
+    back = m.to_sklearn() if cov != "tied" else None
+    if back is not None:
+        np.testing.assert_allclose(back.score_samples(digits_pca), expect, rtol=1e-5, atol=1e-4)
+
+
+def test_from_sklearn_float64_roundtrip_is_exact(digits_pca):
+    sk = SkGMM(n_components=4, covariance_type="full", random_state=0, max_iter=20).fit(digits_pca)
+    m = fg.GaussianMixture.from_sklearn(sk, dtype=torch.float64)
+    np.testing.assert_allclose(m.prec_chol.detach().numpy(), sk.precisions_cholesky_, rtol=1e-12)
+    np.testing.assert_allclose(m.to_sklearn().score_samples(digits_pca), sk.score_samples(digits_pca), rtol=1e-10)
+
+
+def test_unfitted_sklearn_model_is_an_error():
+    with pytest.raises(ValueError, match="not fitted"):
+        fg.GaussianMixture.from_sklearn(SkGMM(3))
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
+def test_sample_has_the_mixture_statistics(cov):
+    torch.manual_seed(0)
+    m = fg.GaussianMixture(1, 2, cov, dtype=torch.float64)
+    with torch.no_grad():
+        m.means.copy_(torch.tensor([[1.0, -2.0]]))
+        if cov == "full":
+            m.log_prec_diag.copy_(torch.log(torch.tensor([[2.0, 0.5]])))
+            m.prec_offdiag.copy_(torch.tensor([[[0.0, 0.7], [0.0, 0.0]]]))
+        else:
+            m.log_prec_diag.fill_(np.log(2.0))
+    g = torch.Generator().manual_seed(1)
+    x, comp = m.sample(200_000, generator=g)
+    assert x.shape == (200_000, 2) and torch.all(comp == 0)
+    U = m.prec_chol.detach()
+    if cov == "full":
+        cov_true = torch.linalg.inv(U[0] @ U[0].T)
+    else:
+        s = U[0] if cov == "diag" else U[0].expand(2)
+        cov_true = torch.diag(1 / s**2)
+    torch.testing.assert_close(x.mean(0), m.means[0].detach(), atol=0.01, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T), cov_true, atol=0.02, rtol=0.02)
+
+
+def test_sample_weights_and_generator_reproducibility():
+    m = fg.GaussianMixture(3, 2, "diag", n_mixtures=2)
+    with torch.no_grad():
+        m.logits.copy_(torch.log(torch.tensor([[0.2, 0.3, 0.5], [1.0, 1e-9, 1e-9]])))
+    x1, c1 = m.sample(30_000, generator=torch.Generator().manual_seed(3))
+    x2, c2 = m.sample(30_000, generator=torch.Generator().manual_seed(3))
+    assert x1.shape == (2, 30_000, 2) and c1.shape == (2, 30_000)
+    assert torch.equal(x1, x2) and torch.equal(c1, c2)
+    freq = torch.bincount(c1[0], minlength=3).double() / 30_000
+    torch.testing.assert_close(freq, torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), atol=0.01, rtol=0)
+    assert torch.all(c1[1] == 0)
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
+def test_training_by_gradient_descent_fits_data_and_keeps_parameters_valid(cov):
+    torch.manual_seed(0)
+    data = torch.cat([torch.randn(500, 2) * 0.3 + torch.tensor([2.0, 0.0]),
+                      torch.randn(500, 2) * 0.3 - torch.tensor([2.0, 0.0])])
+    m = fg.GaussianMixture(2, 2, cov)
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    first = None
+    for _ in range(300):
+        nll = -m.log_prob(data).mean()
+        first = nll.item() if first is None else first
+        opt.zero_grad()
+        nll.backward()
+        opt.step()
+    assert nll.item() < first - 1.0
+    U = m.prec_chol.detach()
+    diag = torch.diagonal(U, dim1=-2, dim2=-1) if cov == "full" else U
+    assert torch.all(diag > 0)
+    centres = m.means.detach()[:, 0].sort().values
+    torch.testing.assert_close(centres, torch.tensor([-2.0, 2.0]), atol=0.15, rtol=0)
+
+
+def test_module_ngmg_and_repr():
+    m = fg.GaussianMixture(3, 4, "full", n_mixtures=2)
+    z = torch.randn(2, 5, 4)
+    assert m.ngmg_loss(z, reduction="none").shape == (2, 5)
+    assert m(z).shape == (2, 5)
+    assert "n_mixtures=2" in repr(m) and "covariance_type='full'" in repr(m)
+    with pytest.raises(ValueError, match="pass index="):
+        m.to_sklearn()
+    assert m.to_sklearn(index=1).means_.shape == (3, 4)
+    with pytest.raises(ValueError, match="covariance_type"):
+        fg.GaussianMixture(2, 2, "tied")

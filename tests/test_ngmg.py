@@ -1,0 +1,172 @@
+"""ngmg_loss: values and gradients against the reference, target, normalize, reduction, and
+the "parallel lines" behaviour of SPEC §2."""
+
+import math
+
+import pytest
+import torch
+
+import fastgmmdiff as fg
+from fastgmmdiff import reference
+from fastgmmdiff.testing import RTOL_GRAD, RTOL_VALUE, random_problem, rel_err
+
+COVS = ["diag", "spherical", "full"]
+ARGS = ("x", "means", "prec_chol", "logits")
+
+
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("use_target", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("G", [None, 3])
+def test_matches_reference(cov, use_target, normalize, G, seed):
+    p = random_problem(cov, G, N=29, K=4, D=5, seed=seed, requires_grad=True)
+    target = torch.randint(0, 4, (29,) if G is None else (G, 29)) if use_target else None
+    args = [p[k] for k in ARGS]
+    out = fg.ngmg_loss(*args, cov, target=target, normalize=normalize, reduction="none")
+    ref = reference.ngmg_loss(*(a.double() for a in args), cov, target=target,
+                              normalize=normalize, reduction="none")
+    assert out.shape == ref.shape == ((29,) if G is None else (G, 29))
+    if normalize:
+        assert torch.all(out <= 0) and torch.all(out >= -1)  # p̃ ∈ [0, 1] (far points underflow)
+    assert rel_err(out, ref) <= RTOL_VALUE
+    up = torch.randn_like(ref)
+    ga = torch.autograd.grad(out, args, up.float(), allow_unused=True)
+    gb = torch.autograd.grad(ref, args, up, allow_unused=True)
+    for name, a, b in zip(ARGS, ga, gb):
+        if b is None:  # logits do not enter a targeted loss
+            assert name == "logits" and use_target and (a is None or torch.all(a == 0))
+            continue
+        assert rel_err(a, b) <= RTOL_GRAD, name
+
+
+def test_gradient_is_minus_ptilde_times_score(seed):
+    """∂loss_n/∂z_n = −p̃_n ∇ log p(z_n) (SPEC §2)."""
+    p = random_problem("diag", None, N=10, K=3, D=4, dtype=torch.float64, seed=seed)
+    z = p["x"].clone().requires_grad_()
+    loss = fg.ngmg_loss(z, p["means"], p["prec_chol"], p["logits"], reduction="none")
+    (g,) = torch.autograd.grad(loss.sum(), z)
+    z2 = p["x"].clone().requires_grad_()
+    (score,) = torch.autograd.grad(fg.gmm_log_prob(z2, p["means"], p["prec_chol"], p["logits"]).sum(), z2)
+    torch.testing.assert_close(g, -(-loss.detach())[:, None] * score)
+
+
+@pytest.mark.parametrize("use_target", [False, True])
+def test_gradcheck(use_target, seed):
+    """normalize=False: every input.  normalize=True: c is a stop-gradient function of
+    (prec_chol, logits), so finite differences see it there; check z and means only."""
+    p = random_problem("full", 2, N=3, K=2, D=2, dtype=torch.float64, seed=seed)
+    p["prec_chol"] = p["prec_chol"].triu()
+    # Points near the means so p̃ is not vanishingly small.
+    p["x"] = p["means"][:, :1] + 0.3 * torch.randn(2, 3, 2, dtype=torch.float64)
+    args = [p[k].detach().requires_grad_() for k in ARGS]
+    target = torch.tensor([[0, 1, 1], [1, 0, 0]]) if use_target else None
+
+    def f(*a, normalize):
+        return fg.ngmg_loss(*a, "full", target=target, normalize=normalize, reduction="none")
+
+    assert torch.autograd.gradcheck(lambda *a: f(*a, normalize=False), args)
+    z, m = args[:2]
+    assert torch.autograd.gradcheck(lambda z, m: f(z, m, *args[2:], normalize=True), (z, m))
+
+
+def test_reductions(seed):
+    p = random_problem("diag", 2, N=7, K=3, D=2, dtype=torch.float64, seed=seed)
+    args = [p[k] for k in ARGS]
+    none = fg.ngmg_loss(*args, reduction="none")
+    torch.testing.assert_close(fg.ngmg_loss(*args, reduction="sum"), none.sum())
+    torch.testing.assert_close(fg.ngmg_loss(*args), none.mean())  # mean over all G·N points
+    empty = torch.zeros(2, 0, 2, dtype=torch.float64)
+    assert fg.ngmg_loss(empty, *args[1:]).item() == 0.0
+    assert fg.ngmg_loss(empty, *args[1:], reduction="none").shape == (2, 0)
+
+
+def test_normalizer_keeps_high_dimensional_loss_representable():
+    """D = 64: log p near −100 underflows float32's exp, p̃ does not."""
+    torch.manual_seed(0)
+    D, K = 64, 3
+    means = torch.randn(K, D)
+    prec = torch.full((K, D), 4.0)
+    z = means[0] + 0.05 * torch.randn(5, D)
+    logp = fg.gmm_log_prob(z, means, prec, torch.zeros(K))
+    assert torch.all(logp > 20)  # tight components: density is large, not small
+    wide = torch.full((K, D), 0.25)
+    z = means[0] + 2.0 * torch.randn(5, D)
+    assert torch.all(torch.exp(fg.gmm_log_prob(z, means, wide, torch.zeros(K))) == 0)  # p underflows
+    loss = fg.ngmg_loss(z, means, wide, torch.zeros(K), reduction="none")
+    assert torch.all(loss < 0)  # p̃ does not
+
+
+def test_target_is_the_pull_toward_its_component(seed):
+    p = random_problem("spherical", None, N=8, K=4, D=3, dtype=torch.float64, seed=seed)
+    t = torch.randint(0, 4, (8,))
+    loss = fg.ngmg_loss(p["x"], p["means"], p["prec_chol"], p["logits"], "spherical",
+                        target=t, reduction="none")
+    s = p["prec_chol"][t]
+    expect = -torch.exp(-0.5 * s**2 * ((p["x"] - p["means"][t]) ** 2).sum(-1))
+    torch.testing.assert_close(loss, expect)
+
+
+# --- SPEC §2, "parallel lines" ---------------------------------------------------------------
+
+def _parallel_lines(theta, n=64, K=11, sigma=0.1):
+    """Target components along {0}×[0, 1]; model samples on {θ}×[0, 1]."""
+    means = torch.stack([torch.zeros(K), torch.linspace(0, 1, K)], -1).double()
+    prec = torch.full((K,), 1.0 / sigma, dtype=torch.float64)
+    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    th = torch.tensor(float(theta), dtype=torch.float64, requires_grad=True)
+    z = torch.stack([th.expand(n), u], -1)
+    return th, z, means, prec
+
+
+def test_parallel_lines_ngmg_is_finite_continuous_and_points_home():
+    thetas = [-50.0, -3.0, -0.5, -0.2, -0.05, 0.0, 0.05, 0.2, 0.5, 3.0, 50.0, 1e30]
+    losses, grads = [], []
+    for t in thetas:
+        th, z, means, prec = _parallel_lines(t)
+        loss = fg.ngmg_loss(z, means, prec, torch.zeros(11, dtype=torch.float64), "spherical")
+        (g,) = torch.autograd.grad(loss, th)
+        losses.append(loss.item())
+        grads.append(g.item())
+    assert all(math.isfinite(v) for v in losses + grads)
+    # L(θ) increases with |θ| and is minimal at θ = 0.
+    left, right = losses[:6], losses[5:]
+    assert all(a >= b for a, b in zip(left, left[1:])) and all(a <= b for a, b in zip(right, right[1:]))
+    # dL/dθ points toward θ = 0 (descent moves θ to 0) wherever it is not negligibly small.
+    for t, g in zip(thetas, grads):
+        assert g == 0 or math.copysign(1, g) == math.copysign(1, t) or t == 0
+        assert abs(g) <= 10.0 * math.exp(-0.5) + 1e-12  # max ‖U‖₂ e^{−1/2}, per point, hence mean
+    # Continuity: a small step in θ changes L by a small amount.
+    th, z, means, prec = _parallel_lines(0.2)
+    l1 = fg.ngmg_loss(z, means, prec, torch.zeros(11, dtype=torch.float64), "spherical").item()
+    th, z, means, prec = _parallel_lines(0.2 + 1e-6)
+    l2 = fg.ngmg_loss(z, means, prec, torch.zeros(11, dtype=torch.float64), "spherical").item()
+    assert abs(l2 - l1) < 1e-5
+
+
+def test_parallel_lines_log_likelihood_gradient_is_not_usable():
+    """The NLL's θ-gradient grows without bound (∝ θ/σ²), and is lost once the distance
+    overflows; the NGMG stays bounded (previous test)."""
+    g_nll = []
+    for t in [1.0, 10.0, 100.0]:
+        th, z, means, prec = _parallel_lines(t)
+        nll = -fg.gmm_log_prob(z, means, prec, torch.zeros(11, dtype=torch.float64), "spherical").mean()
+        (g,) = torch.autograd.grad(nll, th)
+        g_nll.append(g.item())
+    assert g_nll[0] > 50 and g_nll[1] > 9 * g_nll[0] and g_nll[2] > 9 * g_nll[1]
+
+
+def test_ngmg_per_point_gradient_bound(seed):
+    """‖∂loss_n/∂z_n‖ ≤ max_k ‖U_k‖₂ e^{−1/2} everywhere (SPEC §2)."""
+    for cov in COVS:
+        p = random_problem(cov, None, N=400, K=3, D=2, dtype=torch.float64, seed=seed)
+        z = (p["x"] * torch.rand(400, 1, dtype=torch.float64) * 2).requires_grad_()
+        loss = fg.ngmg_loss(z, p["means"], p["prec_chol"], p["logits"], cov, reduction="sum")
+        (g,) = torch.autograd.grad(loss, z)
+        U = p["prec_chol"]
+        if cov == "diag":
+            bound = U.abs().max()
+        elif cov == "spherical":
+            bound = U.max()
+        else:
+            bound = torch.linalg.matrix_norm(U, ord=2).max()
+        assert g.norm(dim=-1).max() <= bound * math.exp(-0.5) * (1 + 1e-9)
