@@ -83,3 +83,29 @@ def _torch_op():
 
 
 register(Backend("torch", None, lambda: None, _torch_op, ""))
+
+
+_BUILD_HINT = ("Build it with `pip install --no-build-isolation .` in a checkout (needs a C++ "
+               "compiler, and nvcc plus a CUDA build of torch for the CUDA kernels)")
+
+
+def _probe_compiled(cuda: bool):
+    from . import _ext
+
+    mod = _ext.load()
+    if mod is None:
+        return f"the compiled extension fastgmmdiff._C did not load ({_ext.load_error()})"
+    if cuda:
+        if not mod.has_cuda():
+            return "fastgmmdiff._C was built without CUDA kernels"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available to torch"
+    return None
+
+
+def _compiled_op():
+    return torch.ops.fastgmmdiff.log_prob
+
+
+register(Backend("cpu", ("cpu",), lambda: _probe_compiled(False), _compiled_op, _BUILD_HINT))
+register(Backend("cuda", ("cuda",), lambda: _probe_compiled(True), _compiled_op, _BUILD_HINT))

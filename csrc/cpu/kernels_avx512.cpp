@@ -1,0 +1,24 @@
+// The CPU kernels (kernels.inc) compiled for avx512; log_prob_cpu.cpp picks it at run time
+// when the processor has it.  x86-64 only.
+#if defined(__x86_64__)
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
+#include "problem.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,bmi,bmi2")
+#define FGD_NS avx512
+#define FGD_VBYTES 64
+#include "kernels.inc"
+#undef FGD_NS
+#undef FGD_VBYTES
+#pragma GCC pop_options
+#endif

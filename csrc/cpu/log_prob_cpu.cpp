@@ -1,0 +1,211 @@
+// CPU entry points of fastgmmdiff::log_prob / log_prob_backward: checks, upcast, the
+// per-component constant, parallel work split (torch's intra-op pool), deterministic
+// reduction of the backward's per-chunk sums, and the final parameter-gradient formulas.
+// The kernels themselves are in kernels.inc (compiled once per instruction set).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../ops.h"
+#include "problem.h"
+
+namespace fastgmmdiff {
+namespace cpu {
+
+namespace {
+
+enum Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kBaseline;
+}
+
+// FASTGMMDIFF_CPU_ISA=baseline|avx2|avx512 lowers (never raises) the detected level; read
+// on every call so tests can exercise each build.
+Isa current_isa() {
+  static const Isa detected = detect_isa();
+  const char* env = std::getenv("FASTGMMDIFF_CPU_ISA");
+  if (env == nullptr || *env == '\0') return detected;
+  Isa want = detected;
+  if (std::strcmp(env, "baseline") == 0) want = kBaseline;
+  else if (std::strcmp(env, "avx2") == 0) want = kAvx2;
+  else if (std::strcmp(env, "avx512") == 0) want = kAvx512;
+  else FGD_CHECK(false, "FASTGMMDIFF_CPU_ISA must be baseline, avx2 or avx512, got '", env, "'");
+  return want < detected ? want : detected;
+}
+
+template <typename T>
+void run_fwd(const Problem<T>& p, T* out, int64_t b, int64_t e) {
+  switch (current_isa()) {
+#if defined(__x86_64__)
+    case kAvx512: return avx512::fwd(p, out, b, e);
+    case kAvx2: return avx2::fwd(p, out, b, e);
+#endif
+    default: return baseline::fwd(p, out, b, e);
+  }
+}
+
+template <typename T>
+void run_bwd(const Problem<T>& p, const T* grad, const T* logp, T* gx, const Accum<T>& acc,
+             int64_t b, int64_t e) {
+  switch (current_isa()) {
+#if defined(__x86_64__)
+    case kAvx512: return avx512::bwd(p, grad, logp, gx, acc, b, e);
+    case kAvx2: return avx2::bwd(p, grad, logp, gx, acc, b, e);
+#endif
+    default: return baseline::bwd(p, grad, logp, gx, acc, b, e);
+  }
+}
+
+struct Prepared {
+  at::Tensor x, means, prec, logits, a;
+  int cov;
+  int64_t G, Gx, N, K, D;
+};
+
+Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                 const at::Tensor& logits, c10::string_view covariance_type) {
+  const int cov = parse_cov(covariance_type);
+  check_layout(x, means, prec, logits, cov);
+  FGD_CHECK(x.device().is_cpu(), "the CPU kernels got tensors on ", x.device());
+  const auto acc = acc_type(x);
+  Prepared r;
+  r.cov = cov;
+  r.x = x.to(acc).contiguous();
+  r.means = means.to(acc).contiguous();
+  r.prec = cov == kFull ? prec.to(acc).triu().contiguous() : prec.to(acc).contiguous();
+  r.logits = logits.to(acc).contiguous();
+  r.G = r.means.size(0);
+  r.K = r.means.size(1);
+  r.D = r.means.size(2);
+  r.Gx = r.x.size(0);
+  r.N = r.x.size(1);
+  r.a = component_const(r.prec, r.logits, cov, r.D);
+  return r;
+}
+
+template <typename T>
+Problem<T> problem(const Prepared& r) {
+  return Problem<T>{r.G, r.Gx, r.N, r.K, r.D, r.cov,
+                    r.x.data_ptr<T>(), r.means.data_ptr<T>(), r.prec.data_ptr<T>(), r.a.data_ptr<T>()};
+}
+
+int64_t n_items(const Prepared& r) {
+  const int64_t tiles = (r.N + kTile - 1) / kTile;
+  return (r.Gx == 1 && r.G > 1) ? tiles : r.G * tiles;
+}
+
+int64_t work_per_item(const Prepared& r) {
+  const int64_t per_k = r.cov == kFull ? r.D * (r.D + 3) / 2 : r.D;
+  return kTile * r.K * per_k * ((r.Gx == 1 && r.G > 1) ? r.G : 1);
+}
+
+}  // namespace
+
+at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                        const at::Tensor& logits, c10::string_view covariance_type) {
+  Prepared r = prepare(x, means, prec, logits, covariance_type);
+  at::Tensor out = at::empty({r.G, r.N}, r.x.options());
+  const int64_t items = n_items(r);
+  if (items == 0) return out;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, work_per_item(r)));
+  AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_cpu", [&] {
+    const Problem<scalar_t> p = problem<scalar_t>(r);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) { run_fwd(p, o, b, e); });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+    const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
+  Prepared r = prepare(x, means, prec, logits, covariance_type);
+  FGD_CHECK(grad.sizes() == at::IntArrayRef({r.G, r.N}) && logp.sizes() == grad.sizes(),
+            "grad and logp must be [", r.G, ", ", r.N, "], got ", grad.sizes(), " and ", logp.sizes());
+  const auto acc = r.x.scalar_type();
+  at::Tensor g = grad.to(acc).contiguous();
+  at::Tensor lp = logp.to(acc).contiguous();
+  at::Tensor gx = at::empty_like(r.x);
+  const int64_t items = n_items(r);
+  const bool shared = r.Gx == 1 && r.G > 1;
+
+  // Chunks: a fixed split of the items (not of threads), summed in chunk order afterwards,
+  // so results are bit-identical from run to run for a given thread count.  With G >= the
+  // number of chunks and batched x, each chunk owns whole mixtures and writes in place.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_chunk_elems = r.G * r.K * (2 * r.D + 1 + (r.cov == kFull ? r.D * r.D : 0));
+  int64_t chunks = std::min<int64_t>(threads, std::max<int64_t>(items, 1));
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, per_chunk_elems * 4)));
+  const bool own_mixtures = !shared && r.G >= chunks;
+  const int64_t nbuf = own_mixtures ? 1 : chunks;
+
+  at::Tensor gmu = at::zeros({nbuf, r.G, r.K, r.D}, r.x.options());
+  std::vector<int64_t> sshape = {nbuf};
+  for (auto s : r.prec.sizes()) sshape.push_back(s);
+  at::Tensor S = at::zeros(sshape, r.x.options());
+  at::Tensor W = at::zeros({nbuf, r.G, r.K}, r.x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_backward_cpu", [&] {
+    const Problem<scalar_t> p = problem<scalar_t>(r);
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* lpp = lp.data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    const int64_t tiles = (r.N + kTile - 1) / kTile;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int64_t b, e;
+        if (own_mixtures) {
+          b = (c * r.G / chunks) * tiles;
+          e = ((c + 1) * r.G / chunks) * tiles;
+        } else {
+          b = c * items / chunks;
+          e = (c + 1) * items / chunks;
+        }
+        const int64_t buf = own_mixtures ? 0 : c;
+        const Accum<scalar_t> a{gmu[buf].data_ptr<scalar_t>(), S[buf].data_ptr<scalar_t>(),
+                                W[buf].data_ptr<scalar_t>()};
+        run_bwd(p, gp, lpp, gxp, a, b, e);
+      }
+    });
+  });
+  // Sum the chunk buffers in chunk order (sum over dim 0 of a small tensor is sequential
+  // per output element in ATen's CPU reduction for this layout; do it explicitly anyway).
+  auto fold = [&](const at::Tensor& t) {
+    at::Tensor s = t[0].clone();
+    for (int64_t c = 1; c < nbuf; ++c) s.add_(t[c]);
+    return s;
+  };
+  at::Tensor gmu_t = fold(gmu), S_t = fold(S), W_t = fold(W);
+  at::Tensor gsum = at::where(lp.isfinite(), g, at::zeros({}, g.options())).sum(-1, true);
+  at::Tensor glog = W_t - at::softmax(r.logits, -1) * gsum;
+  at::Tensor gprec = finish_prec_grad(r.prec, W_t, S_t, r.cov, r.D);
+  return {gx.to(x.scalar_type()), gmu_t.to(means.scalar_type()), gprec.to(prec.scalar_type()),
+          glog.to(logits.scalar_type())};
+}
+
+const char* isa_name() {
+  switch (current_isa()) {
+    case kAvx512: return "avx512";
+    case kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastgmmdiff
+
+TORCH_LIBRARY_IMPL(fastgmmdiff, CPU, m) {
+  m.impl("log_prob", &fastgmmdiff::cpu::log_prob_cpu);
+  m.impl("log_prob_backward", &fastgmmdiff::cpu::log_prob_backward_cpu);
+}

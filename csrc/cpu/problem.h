@@ -1,0 +1,60 @@
+// Plain-C++ description of one log-density problem, shared by the torch-facing wrapper
+// (log_prob_cpu.cpp) and the ISA-specific kernel translation units (kernels_*.cpp).
+// No torch headers here: the kernel TUs are compiled under `#pragma GCC target(...)` and must
+// not instantiate torch's inline functions with wider instruction sets.
+#pragma once
+
+#include <cstdint>
+
+namespace fastgmmdiff {
+namespace cpu {
+
+enum Cov : int { DIAG = 0, SPHERICAL = 1, FULL = 2 };
+
+// Points per tile: the lane count of the kernels' vectors (4 AVX-512 registers of floats; the
+// compiler splits them, which gives each accumulation 4+ independent dependency chains).
+constexpr int kTile = 64;
+
+// Canonical layout (see fastgmmdiff/_checks.py), all contiguous:
+//   x [Gx, N, D] (Gx == 1: shared by all G mixtures), means [G, K, D],
+//   prec diag [G, K, D] | spherical [G, K] | full [G, K, D, D] (upper triangle read),
+//   a [G, K] = log π_k + Σ_d log U_k[d,d] − D/2 log 2π.
+template <typename T>
+struct Problem {
+  int64_t G, Gx, N, K, D;
+  int cov;
+  const T* x;
+  const T* means;
+  const T* prec;
+  const T* a;
+};
+
+// Backward accumulators for one range of work: Σ_n of w Λ z (gmu), of w z² / w‖z‖² / w z yᵀ
+// (gS, shaped like prec), and of w (W, [G, K]).  w_nk = g_n r_nk.
+template <typename T>
+struct Accum {
+  T* gmu;
+  T* gS;
+  T* W;
+};
+
+// Work items: batched x (Gx == G): item i = (g = i / tiles, tile = i % tiles);
+// shared x (Gx == 1 < G): item i = tile i, every g inside (so gx rows have one owner).
+// fwd: log p for items [begin, end) into out [G, N].
+// bwd: gx rows of those items (written, not accumulated), and `acc` += their parameter sums.
+#define FASTGMMDIFF_DECLARE_KERNELS(NS)                                                        \
+  namespace NS {                                                                               \
+  void fwd(const Problem<float>& p, float* out, int64_t begin, int64_t end);                   \
+  void fwd(const Problem<double>& p, double* out, int64_t begin, int64_t end);                 \
+  void bwd(const Problem<float>& p, const float* grad, const float* logp, float* gx,           \
+           const Accum<float>& acc, int64_t begin, int64_t end);                               \
+  void bwd(const Problem<double>& p, const double* grad, const double* logp, double* gx,       \
+           const Accum<double>& acc, int64_t begin, int64_t end);                              \
+  }
+
+FASTGMMDIFF_DECLARE_KERNELS(avx512)
+FASTGMMDIFF_DECLARE_KERNELS(avx2)
+FASTGMMDIFF_DECLARE_KERNELS(baseline)
+
+}  // namespace cpu
+}  // namespace fastgmmdiff

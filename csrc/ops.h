@@ -1,0 +1,80 @@
+// Shared by the CPU and CUDA entry points: schema-level checks and the per-component constant.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <string>
+
+namespace fastgmmdiff {
+
+enum CovType : int { kDiag = 0, kSpherical = 1, kFull = 2 };
+
+#define FGD_CHECK(cond, ...) TORCH_CHECK(cond, "fastgmmdiff: ", __VA_ARGS__)
+
+inline int parse_cov(c10::string_view cov) {
+  if (cov == "diag") return kDiag;
+  if (cov == "spherical") return kSpherical;
+  if (cov == "full") return kFull;
+  FGD_CHECK(false, "covariance_type must be 'diag', 'spherical' or 'full' (the ops take the "
+                   "canonical layout; 'tied' is expanded in Python), got '", std::string(cov), "'");
+  return -1;
+}
+
+// Checks the canonical layout (fastgmmdiff/_checks.py): x [Gx, N, D] with Gx ∈ {1, G},
+// means [G, K, D], prec diag [G, K, D] / spherical [G, K] / full [G, K, D, D], logits [G, K];
+// one device, floating dtypes.  The Python API checks first with friendlier messages; these
+// keep a direct torch.ops call from reading out of bounds.
+inline void check_layout(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                         const at::Tensor& logits, int cov) {
+  FGD_CHECK(x.dim() == 3, "x must be [Gx, N, D], got ", x.sizes());
+  FGD_CHECK(means.dim() == 3, "means must be [G, K, D], got ", means.sizes());
+  const int64_t G = means.size(0), K = means.size(1), D = means.size(2);
+  FGD_CHECK(K >= 1 && D >= 1, "need K >= 1 and D >= 1, got means ", means.sizes());
+  FGD_CHECK(x.size(2) == D && (x.size(0) == G || x.size(0) == 1),
+            "x must be [G or 1, N, ", D, "], got ", x.sizes(), " (means ", means.sizes(), ")");
+  if (cov == kDiag) {
+    FGD_CHECK(prec.sizes() == means.sizes(), "diag prec_chol must be ", means.sizes(), ", got ", prec.sizes());
+  } else if (cov == kSpherical) {
+    FGD_CHECK(prec.dim() == 2 && prec.size(0) == G && prec.size(1) == K,
+              "spherical prec_chol must be [", G, ", ", K, "], got ", prec.sizes());
+  } else {
+    FGD_CHECK(prec.dim() == 4 && prec.size(0) == G && prec.size(1) == K && prec.size(2) == D && prec.size(3) == D,
+              "full prec_chol must be [", G, ", ", K, ", ", D, ", ", D, "], got ", prec.sizes());
+  }
+  FGD_CHECK(logits.dim() == 2 && logits.size(0) == G && logits.size(1) == K,
+            "logits must be [", G, ", ", K, "], got ", logits.sizes());
+  for (const at::Tensor* t : {&x, &means, &prec, &logits}) {
+    FGD_CHECK(t->is_floating_point(), "inputs must be floating point, got ", t->scalar_type());
+    FGD_CHECK(t->device() == x.device(), "inputs must be on one device: ", t->device(), " vs ", x.device());
+  }
+}
+
+inline at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Σ_d log U[d,d] per component, [G, K].
+inline at::Tensor log_det(const at::Tensor& prec, int cov, int64_t D) {
+  if (cov == kDiag) return prec.log().sum(-1);
+  if (cov == kSpherical) return prec.log() * static_cast<double>(D);
+  return prec.diagonal(0, -2, -1).log().sum(-1);
+}
+
+// a_k = log π_k + Σ_d log U_k[d,d] − D/2 log 2π, [G, K], in prec's dtype.
+inline at::Tensor component_const(const at::Tensor& prec, const at::Tensor& logits, int cov, int64_t D) {
+  constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+  return (at::log_softmax(logits, -1) + log_det(prec, cov, D)).sub_(0.5 * D * kLog2Pi).contiguous();
+}
+
+// The gradient of the parameters from the kernels' sums (SPEC §1):
+//   logits: W − π Σ_n g_n;  diag: W/s − s S;  spherical: D W/s − s S;
+//   full: triu(diag(W / U_dd) − S) with S = Σ w z yᵀ.
+inline at::Tensor finish_prec_grad(const at::Tensor& prec, const at::Tensor& W, const at::Tensor& S,
+                                   int cov, int64_t D) {
+  if (cov == kDiag) return W.unsqueeze(-1) / prec - prec * S;
+  if (cov == kSpherical) return W * static_cast<double>(D) / prec - prec * S;
+  return (at::diag_embed(W.unsqueeze(-1) / prec.diagonal(0, -2, -1)) - S).triu();
+}
+
+}  // namespace fastgmmdiff
