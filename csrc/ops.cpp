@@ -16,6 +16,11 @@ TORCH_LIBRARY(fastgmmdiff, m) {
   // Gradients of Σ grad·log p w.r.t. (x, means, prec_chol, logits), each in its input's dtype.
   m.def("log_prob_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, "
         "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One component per point: log N(x_n; μ_t, Σ_t) [G, N] with t = target[g, n] (int64 [G, N]).
+  m.def("log_prob_target(Tensor x, Tensor means, Tensor prec_chol, Tensor target, str covariance_type) -> Tensor");
+  // Gradients of Σ grad·log N w.r.t. (x, means, prec_chol).
+  m.def("log_prob_target_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor target, "
+        "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor)");
 }
 
 static PyObject* py_cpu_isa(PyObject*, PyObject*) {

@@ -25,8 +25,8 @@ inline int parse_cov(c10::string_view cov) {
 // means [G, K, D], prec diag [G, K, D] / spherical [G, K] / full [G, K, D, D], logits [G, K];
 // one device, floating dtypes.  The Python API checks first with friendlier messages; these
 // keep a direct torch.ops call from reading out of bounds.
-inline void check_layout(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-                         const at::Tensor& logits, int cov) {
+inline void check_points_and_params(const at::Tensor& x, const at::Tensor& means,
+                                    const at::Tensor& prec, int cov) {
   FGD_CHECK(x.dim() == 3, "x must be [Gx, N, D], got ", x.sizes());
   FGD_CHECK(means.dim() == 3, "means must be [G, K, D], got ", means.sizes());
   const int64_t G = means.size(0), K = means.size(1), D = means.size(2);
@@ -42,12 +42,28 @@ inline void check_layout(const at::Tensor& x, const at::Tensor& means, const at:
     FGD_CHECK(prec.dim() == 4 && prec.size(0) == G && prec.size(1) == K && prec.size(2) == D && prec.size(3) == D,
               "full prec_chol must be [", G, ", ", K, ", ", D, ", ", D, "], got ", prec.sizes());
   }
-  FGD_CHECK(logits.dim() == 2 && logits.size(0) == G && logits.size(1) == K,
-            "logits must be [", G, ", ", K, "], got ", logits.sizes());
-  for (const at::Tensor* t : {&x, &means, &prec, &logits}) {
+  for (const at::Tensor* t : {&x, &means, &prec}) {
     FGD_CHECK(t->is_floating_point(), "inputs must be floating point, got ", t->scalar_type());
     FGD_CHECK(t->device() == x.device(), "inputs must be on one device: ", t->device(), " vs ", x.device());
   }
+}
+
+inline void check_layout(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                         const at::Tensor& logits, int cov) {
+  check_points_and_params(x, means, prec, cov);
+  const int64_t G = means.size(0), K = means.size(1);
+  FGD_CHECK(logits.dim() == 2 && logits.size(0) == G && logits.size(1) == K,
+            "logits must be [", G, ", ", K, "], got ", logits.sizes());
+  FGD_CHECK(logits.is_floating_point() && logits.device() == x.device(),
+            "logits must be floating point and on ", x.device());
+}
+
+// target [G, N] int64 on x's device, for x [Gx, N, D] and G mixtures.
+inline void check_target(const at::Tensor& target, int64_t G, int64_t N, const at::Tensor& x) {
+  FGD_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ", target.scalar_type());
+  FGD_CHECK(target.dim() == 2 && target.size(0) == G && target.size(1) == N,
+            "target must be [", G, ", ", N, "], got ", target.sizes());
+  FGD_CHECK(target.device() == x.device(), "target is on ", target.device(), ", x on ", x.device());
 }
 
 inline at::ScalarType acc_type(const at::Tensor& x) {
@@ -59,6 +75,12 @@ inline at::Tensor log_det(const at::Tensor& prec, int cov, int64_t D) {
   if (cov == kDiag) return prec.log().sum(-1);
   if (cov == kSpherical) return prec.log() * static_cast<double>(D);
   return prec.diagonal(0, -2, -1).log().sum(-1);
+}
+
+// Σ_d log U_k[d,d] − D/2 log 2π, [G, K]: a component's log-normaliser (no weight).
+inline at::Tensor component_lognorm(const at::Tensor& prec, int cov, int64_t D) {
+  constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+  return log_det(prec, cov, D).sub_(0.5 * D * kLog2Pi).contiguous();
 }
 
 // a_k = log π_k + Σ_d log U_k[d,d] − D/2 log 2π, [G, K], in prec's dtype.

@@ -53,3 +53,39 @@ def register_log_prob_op(fwd_name: str, bwd_name: str) -> None:
         return gx, gm, gp, gl, None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+# --- one component per point (NGMG with target) ----------------------------------------------
+#
+#     <fwd>(Tensor x, Tensor means, Tensor prec_chol, Tensor target, str covariance_type) -> Tensor
+#     <bwd>(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor target, Tensor logp,
+#           str covariance_type) -> (Tensor, Tensor, Tensor)
+#
+# log N(x_n; μ_t, Σ_t) [G, N] with t = target [G, N] (int64); gradients w.r.t. x, means, prec_chol.
+
+
+def _fake_target_fwd(x, means, prec_chol, target, covariance_type):
+    return x.new_empty((means.shape[0], x.shape[1]), dtype=_acc(x.dtype))
+
+
+def _fake_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type):
+    return tuple(torch.empty_like(t) for t in (x, means, prec_chol))
+
+
+def register_target_op(fwd_name: str, bwd_name: str) -> None:
+    """Like ``register_log_prob_op`` for the one-component-per-point op pair."""
+    torch.library.register_fake(fwd_name)(_fake_target_fwd)
+    torch.library.register_fake(bwd_name)(_fake_target_bwd)
+    bwd = _op(bwd_name)
+
+    def setup_context(ctx, inputs, output):
+        x, means, prec_chol, target, cov = inputs
+        ctx.save_for_backward(x, means, prec_chol, target, output)
+        ctx.cov = cov
+
+    def backward(ctx, grad):
+        x, means, prec_chol, target, logp = ctx.saved_tensors
+        gx, gm, gp = bwd(grad.contiguous(), x, means, prec_chol, target, logp, ctx.cov)
+        return gx, gm, gp, None, None
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)

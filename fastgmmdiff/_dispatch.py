@@ -23,6 +23,7 @@ class Backend:
     device_types: Optional[tuple]  # None: any device
     probe: Callable[[], Optional[str]]  # returns None when available, else the reason
     op: Callable[[], Callable]  # returns the forward op (called only when available)
+    target_op: Callable[[], Callable]  # the one-component-per-point forward op
     how_to_get: str
 
 
@@ -76,13 +77,14 @@ def resolve(backend: str, device: torch.device) -> Backend:
     return b
 
 
-def _torch_op():
+def _torch_ops_loaded():
     from . import _torch_ops  # noqa: F401  (registers the ops)
 
-    return torch.ops.fastgmmdiff.log_prob_torch
+    return torch.ops.fastgmmdiff
 
 
-register(Backend("torch", None, lambda: None, _torch_op, ""))
+register(Backend("torch", None, lambda: None, lambda: _torch_ops_loaded().log_prob_torch,
+                 lambda: _torch_ops_loaded().log_prob_target_torch, ""))
 
 
 _BUILD_HINT = ("Build it with `pip install --no-build-isolation .` in a checkout (needs a C++ "
@@ -103,9 +105,11 @@ def _probe_compiled(cuda: bool):
     return None
 
 
-def _compiled_op():
-    return torch.ops.fastgmmdiff.log_prob
+def _compiled(name):
+    return lambda: getattr(torch.ops.fastgmmdiff, name)
 
 
-register(Backend("cpu", ("cpu",), lambda: _probe_compiled(False), _compiled_op, _BUILD_HINT))
-register(Backend("cuda", ("cuda",), lambda: _probe_compiled(True), _compiled_op, _BUILD_HINT))
+register(Backend("cpu", ("cpu",), lambda: _probe_compiled(False), _compiled("log_prob"),
+                 _compiled("log_prob_target"), _BUILD_HINT))
+register(Backend("cuda", ("cuda",), lambda: _probe_compiled(True), _compiled("log_prob"),
+                 _compiled("log_prob_target"), _BUILD_HINT))

@@ -18,9 +18,10 @@ def load():
     if "module" not in _state:
         try:
             from . import _C  # noqa: F401  (registers the fastgmmdiff::log_prob ops)
-            from ._autograd import register_log_prob_op
+            from ._autograd import register_log_prob_op, register_target_op
 
             register_log_prob_op("fastgmmdiff::log_prob", "fastgmmdiff::log_prob_backward")
+            register_target_op("fastgmmdiff::log_prob_target", "fastgmmdiff::log_prob_target_backward")
             _state["module"], _state["error"] = _C, None
         except Exception as e:  # ImportError, OSError (undefined symbols), RuntimeError
             _state["module"], _state["error"] = None, f"{type(e).__name__}: {e}"

@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._autograd import register_log_prob_op
+from ._autograd import register_log_prob_op, register_target_op
 
 _CHUNK_ELEMS = 1 << 22  # elements of the [G, C, K, D] intermediate per chunk (16 MiB in fp32)
 LOG_2PI = math.log(2.0 * math.pi)
@@ -74,6 +74,17 @@ def _prepare(x, means, prec, logits, cov):
     return x, means, prec, logits, const
 
 
+def finish_prec_grad(prec: Tensor, W: Tensor, S: Tensor, cov: str, D: int) -> Tensor:
+    """prec_chol gradient from W = Σ_n w_nk and S = Σ_n w_nk (z² | ‖z‖² | z yᵀ) (SPEC §1):
+    diag W/s − s S, spherical D W/s − s S, full triu(diag(W / U_dd) − S)."""
+    if cov == "diag":
+        return W[..., None] / prec - prec * S
+    if cov == "spherical":
+        return D * W / prec - prec * S
+    diag = torch.diagonal(prec, dim1=-2, dim2=-1)
+    return (torch.diag_embed(W[..., None] / diag) - S).triu()
+
+
 def log_prob_fwd(x: Tensor, means: Tensor, prec: Tensor, logits: Tensor, cov: str) -> Tensor:
     """log p: [G, N] in the accumulation dtype (canonical layout, see _checks)."""
     x, means, prec, logits, const = _prepare(x, means, prec, logits, cov)
@@ -101,7 +112,7 @@ def log_prob_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, logits: T
 
     gx = torch.empty(Gx, N, D, dtype=x.dtype, device=x.device)
     gmu = torch.zeros_like(means)
-    gprec = torch.zeros_like(prec)
+    S = torch.zeros_like(prec)  # Σ w z² | Σ w ‖z‖² | Σ w z yᵀ
     W = torch.zeros(G, K, dtype=x.dtype, device=x.device)  # Σ_n w_nk
     C = _chunk(G, K, D)
     for n0 in range(0, N, C):
@@ -114,31 +125,81 @@ def log_prob_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, logits: T
         zm = torch.where(live, z, 0.0)  # masked: finite wherever it is used
         wz = w[..., None] * zm
         if cov == "full":
-            ym = torch.where(live, y, 0.0)
-            wlz = torch.einsum("gkde,gcke->gckd", prec, w[..., None] * ym)  # w Λ z = w U Uᵀ z
-            gprec -= torch.einsum("gckd,gcke->gkde", wz, ym)
+            wym = w[..., None] * torch.where(live, y, 0.0)
+            wlz = torch.einsum("gkde,gcke->gckd", prec, wym)  # w Λ z = w U Uᵀ z
+            S += torch.einsum("gckd,gcke->gkde", zm, wym)
         else:
             s2 = (prec * prec)[:, None]
             wlz = wz * (s2 if cov == "diag" else s2[..., None])
-            if cov == "diag":
-                gprec -= prec * (wz * zm).sum(1)
-            else:
-                gprec -= prec * (wz * zm).sum((1, 3))
+            S += (wz * zm).sum(1) if cov == "diag" else (wz * zm).sum((1, 3))
         gxc = -wlz.sum(2)
         gx[:, n0:n1] = gxc.sum(0, keepdim=True) if Gx == 1 and G > 1 else gxc
         gmu += wlz.sum(1)
         W += w.sum(1)
 
-    if cov == "diag":
-        gprec += W[..., None] / prec
-    elif cov == "spherical":
-        gprec += D * W / prec
-    else:
-        diag = torch.diagonal(prec, dim1=-2, dim2=-1)
-        gprec += torch.diag_embed(W[..., None] / diag)
-        gprec = gprec.triu()
+    gprec = finish_prec_grad(prec, W, S, cov, D)
     glog = W - torch.softmax(logits, -1) * g.sum(-1, keepdim=True)
     return tuple(t.to(d) for t, d in zip((gx, gmu, gprec, glog), in_dtypes))
+
+
+def _gather_target(means: Tensor, prec: Tensor, target: Tensor):
+    """μ_t [G, N, D] and U_t ([G, N, D] | [G, N] | [G, N, D, D]) for t = target [G, N]."""
+    G, N = target.shape
+    D = means.shape[-1]
+    mu = torch.gather(means, 1, target[..., None].expand(G, N, D))
+    tail = prec.shape[2:]
+    idx = target.reshape(G, N, *([1] * len(tail))).expand(G, N, *tail)
+    return mu, torch.gather(prec, 1, idx)
+
+
+def log_prob_target_fwd(x: Tensor, means: Tensor, prec: Tensor, target: Tensor, cov: str) -> Tensor:
+    """log N(x_n; μ_t, Σ_t) [G, N], t = target[g, n] (the other components are never read)."""
+    dt = acc_dtype(x.dtype)
+    x, means, prec = (t.to(dt) for t in (x, means, prec))
+    if cov == "full":
+        prec = prec.triu()
+    G, K, D = means.shape
+    mu, pt = _gather_target(means, prec, target)
+    z = x.expand(G, -1, -1) - mu
+    c = (_log_det(prec, cov, D) - 0.5 * D * LOG_2PI).gather(1, target)
+    if cov == "diag":
+        q = ((z * pt) ** 2).sum(-1)
+    elif cov == "spherical":
+        q = (z * z).sum(-1) * pt * pt
+    else:
+        q = (torch.einsum("gnd,gnde->gne", z, pt) ** 2).sum(-1)
+    return c - 0.5 * q
+
+
+def log_prob_target_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, target: Tensor,
+                        logp: Tensor, cov: str):
+    """Gradients (x, means, prec_chol) of Σ grad·log N(x_n; μ_t, Σ_t)."""
+    in_dtypes = [t.dtype for t in (x, means, prec)]
+    dt = acc_dtype(x.dtype)
+    x, means, prec = (t.to(dt) for t in (x, means, prec))
+    if cov == "full":
+        prec = prec.triu()
+    G, K, D = means.shape
+    Gx = x.shape[0]
+    w = torch.where(torch.isfinite(logp), grad.to(dt), 0.0)  # [G, N]
+    mu, pt = _gather_target(means, prec, target)
+    z = torch.where((w != 0)[..., None], x.expand(G, -1, -1) - mu, 0.0)
+    if cov == "full":
+        y = torch.einsum("gnd,gnde->gne", z, pt)
+        lz = w[..., None] * torch.einsum("gnde,gne->gnd", pt, y)
+        zy = w[..., None, None] * z[..., :, None] * y[..., None, :]
+    else:
+        s2 = pt * pt if cov == "diag" else (pt * pt)[..., None]
+        lz = w[..., None] * s2 * z
+        zy = w[..., None] * z * z if cov == "diag" else w * (z * z).sum(-1)
+    idx = target[..., None].expand_as(lz)
+    gmu = torch.zeros_like(means).scatter_add_(1, idx, lz)
+    sidx = target.reshape(*target.shape, *([1] * (zy.dim() - 2))).expand_as(zy)
+    S = torch.zeros_like(prec).scatter_add_(1, sidx, zy)
+    W = torch.zeros(G, K, dtype=dt, device=x.device).scatter_add_(1, target, w)
+    gx = -lz.sum(0, keepdim=True) if Gx == 1 and G > 1 else -lz
+    gprec = finish_prec_grad(prec, W, S, cov, D)
+    return tuple(t.to(d) for t, d in zip((gx, gmu, gprec), in_dtypes))
 
 
 # --- op registration -------------------------------------------------------------------------
@@ -157,3 +218,19 @@ def log_prob_torch_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: T
 
 
 register_log_prob_op("fastgmmdiff::log_prob_torch", "fastgmmdiff::log_prob_torch_backward")
+
+
+@torch.library.custom_op("fastgmmdiff::log_prob_target_torch", mutates_args=())
+def log_prob_target_torch(x: Tensor, means: Tensor, prec_chol: Tensor, target: Tensor,
+                          covariance_type: str) -> Tensor:
+    return log_prob_target_fwd(x, means, prec_chol, target, covariance_type)
+
+
+@torch.library.custom_op("fastgmmdiff::log_prob_target_torch_backward", mutates_args=())
+def log_prob_target_torch_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor,
+                                   target: Tensor, logp: Tensor, covariance_type: str
+                                   ) -> tuple[Tensor, Tensor, Tensor]:
+    return log_prob_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type)
+
+
+register_target_op("fastgmmdiff::log_prob_target_torch", "fastgmmdiff::log_prob_target_torch_backward")

@@ -84,29 +84,17 @@ def _log_normalizer(c: _checks.Canonical) -> Tensor:
 
 
 def _targeted_log_prob(c: _checks.Canonical, b, t: Tensor, normalize: bool) -> Tensor:
-    """log N(z_n; μ_t, Σ_t) (or −½‖U_tᵀ(z_n − μ_t)‖² when normalize) for t = target[n]. [G, N]
+    """log N(z_n; μ_t, Σ_t) for t = target[n], minus its detached log-normaliser when
+    ``normalize`` (so the value is −½‖U_tᵀ(z_n − μ_t)‖²). [G, N], accumulation dtype.
 
-    The target's component is gathered per point and evaluated as G·N one-component mixtures
-    of one point each, so every backend serves it without looking at the other K − 1.
-    """
+    The backend's target op reads only the target's component for each point."""
     G, K, D = c.means.shape
-    N = c.N
-    tg = t.reshape(G, N)
-    if c.covariance_type == "spherical":
-        prec_t = torch.gather(c.prec_chol, 1, tg)
-    else:
-        tail = c.prec_chol.shape[2:]
-        idx = tg.reshape(G, N, *([1] * len(tail))).expand(G, N, *tail)
-        prec_t = torch.gather(c.prec_chol, 1, idx)
-    mu_t = torch.gather(c.means, 1, tg[..., None].expand(G, N, D))
-    x_t = c.x.expand(G, N, D)
-    one = lambda a: a.reshape((G * N, 1) + tuple(a.shape[2:]))  # noqa: E731
-    zeros = c.logits.new_zeros(G * N, 1)
-    lp = _run_log_prob(c, b, one(x_t), one(mu_t), one(prec_t), zeros).reshape(G, N)
+    tg = t.reshape(G, c.N).contiguous()
+    lp = b.target_op()(c.x.contiguous(), c.means.contiguous(), c.prec_chol.contiguous(), tg,
+                       c.covariance_type)
     if normalize:
-        dt = lp.dtype
-        ld = _log_det(prec_t.detach().to(dt), c.covariance_type, D) - 0.5 * D * LOG_2PI
-        lp = lp - ld
+        prec = c.prec_chol.detach().to(lp.dtype)
+        lp = lp - (_log_det(prec, c.covariance_type, D) - 0.5 * D * LOG_2PI).gather(1, tg)
     return lp
 
 

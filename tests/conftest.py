@@ -25,3 +25,17 @@ def seed(request):
     s = (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
     torch.manual_seed(s)
     return s
+
+
+CPU_BACKENDS = ("torch", "cpu")
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    """Every backend that runs CPU tensors; skipped (at run time) where it is unavailable."""
+    from fastgmmdiff import _dispatch
+
+    reason = _dispatch.unavailable_reason(request.param)
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r} unavailable: {reason}")
+    return request.param

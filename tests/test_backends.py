@@ -1,5 +1,10 @@
 """Backend registry, the registered ops (opcheck) and torch.compile."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -27,14 +32,81 @@ def test_auto_is_torch_for_unknown_device_types():
     assert _dispatch.resolve("auto", torch.device("meta")).name == "torch"
 
 
+OP_NAMES = {"torch": ("log_prob_torch", "log_prob_target_torch"), "cpu": ("log_prob", "log_prob_target")}
+
+
 @pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
-def test_opcheck_torch_ops(cov):
+def test_opcheck(cov, backend):
+    """torch.library.opcheck on every op pair: schema, fake (meta) kernel, autograd
+    registration and the backward op."""
+    fwd_name, tgt_name = OP_NAMES[backend]
+    ops = torch.ops.fastgmmdiff
     p = random_problem(cov, 2, N=5, K=3, D=4, requires_grad=True)
-    args = tuple(p[k] for k in ARGS) if cov != "full" else (p["x"], p["means"], p["prec_chol"].detach().triu().requires_grad_(), p["logits"])
-    torch.library.opcheck(torch.ops.fastgmmdiff.log_prob_torch, (*args, cov))
-    logp = torch.ops.fastgmmdiff.log_prob_torch(*args, cov)
-    torch.library.opcheck(torch.ops.fastgmmdiff.log_prob_torch_backward,
-                          (torch.randn_like(logp), *(a.detach() for a in args), logp.detach(), cov))
+    if cov == "full":
+        p["prec_chol"] = p["prec_chol"].detach().triu().requires_grad_()
+    args = tuple(p[k] for k in ARGS)
+    fwd, bwd = getattr(ops, fwd_name), getattr(ops, fwd_name + "_backward")
+    torch.library.opcheck(fwd, (*args, cov))
+    logp = fwd(*args, cov)
+    torch.library.opcheck(bwd, (torch.randn_like(logp), *(a.detach() for a in args), logp.detach(), cov))
+    target = torch.randint(0, 3, (2, 5))
+    tfwd, tbwd = getattr(ops, tgt_name), getattr(ops, tgt_name + "_backward")
+    torch.library.opcheck(tfwd, (*args[:3], target, cov))
+    lt = tfwd(*args[:3], target, cov)
+    torch.library.opcheck(tbwd, (torch.randn_like(lt), *(a.detach() for a in args[:3]), target, lt.detach(), cov))
+
+
+def test_compiled_ops_reject_bad_layouts_without_crashing():
+    if "cpu" not in fg.available_backends():
+        pytest.skip("compiled CPU kernels unavailable")
+    ops = torch.ops.fastgmmdiff
+    x, m, s, l = torch.randn(1, 4, 3), torch.randn(1, 2, 3), torch.rand(1, 2, 3) + 0.5, torch.zeros(1, 2)
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.log_prob(x[..., :2], m, s, l, "diag")
+    with pytest.raises(RuntimeError, match="diag prec_chol must be"):
+        ops.log_prob(x, m, s[..., :2], l, "diag")
+    with pytest.raises(RuntimeError, match="covariance_type must be"):
+        ops.log_prob(x, m, s, l, "tied")
+    with pytest.raises(RuntimeError, match="logits must be"):
+        ops.log_prob(x, m, s, l[:, :1], "diag")
+    with pytest.raises(RuntimeError, match="target holds 7"):
+        ops.log_prob_target(x, m, s, torch.tensor([[0, 1, 7, 0]]), "diag")
+    with pytest.raises(RuntimeError, match="target must be int64"):
+        ops.log_prob_target(x, m, s, torch.zeros(1, 4, dtype=torch.int32), "diag")
+    with pytest.raises(RuntimeError, match="grad and logp must be"):
+        ops.log_prob_backward(torch.ones(1, 3), x, m, s, l, torch.ones(1, 4), "diag")
+
+
+def test_compiled_backend_is_built_where_required():
+    """CI sets FASTGMMDIFF_REQUIRE_CPU_KERNELS=1: a broken extension build must fail the run
+    rather than skip every compiled-backend test."""
+    if os.environ.get("FASTGMMDIFF_REQUIRE_CPU_KERNELS", "") in ("", "0"):
+        pytest.skip("FASTGMMDIFF_REQUIRE_CPU_KERNELS not set")
+    assert "cpu" in fg.available_backends(), _dispatch.unavailable_reason("cpu")
+
+
+def test_failed_extension_load_leaves_package_importable():
+    code = textwrap.dedent("""
+        import sys, logging
+        logging.basicConfig(level=logging.WARNING)
+        sys.modules["fastgmmdiff._C"] = None  # import of the extension now fails
+        import torch, fastgmmdiff as fg
+        assert fg.available_backends() == ["torch"], fg.available_backends()
+        x = torch.randn(4, 2)
+        out = fg.gmm_log_prob(x, torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1))
+        assert out.shape == (4,)
+        try:
+            fg.gmm_log_prob(x, torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1), backend="cpu")
+        except RuntimeError as e:
+            assert "did not load" in str(e) and "pip install --no-build-isolation" in str(e), e
+        else:
+            raise AssertionError("backend='cpu' should have failed")
+        print("OK")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("OK")
+    assert "compiled kernels unavailable" in r.stderr  # logged once, as a warning
 
 
 def test_torch_compile_keeps_ops_in_one_graph():

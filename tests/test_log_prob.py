@@ -32,17 +32,17 @@ def _check_against_reference(p, cov, backend="torch", shape_out=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cov", COVS)
 @pytest.mark.parametrize("G,x_batched", [(None, True), (3, True), (3, False)])
-def test_matches_float64_reference(cov, dtype, G, x_batched, seed):
+def test_matches_float64_reference(cov, dtype, G, x_batched, seed, backend):
     p = random_problem(cov, G, N=37, K=5, D=6, dtype=dtype, seed=seed, x_batched=x_batched,
                        requires_grad=True)
-    _check_against_reference(p, cov, shape_out=(37,) if G is None else (G, 37))
+    _check_against_reference(p, cov, backend, shape_out=(37,) if G is None else (G, 37))
 
 
 @pytest.mark.parametrize("cov", COVS)
-@pytest.mark.parametrize("N,K,D", [(1, 1, 1), (1, 3, 5), (9, 1, 4), (5, 2, 59), (3, 2, 257), (300, 7, 3)])
-def test_odd_sizes(cov, N, K, D, seed):
+@pytest.mark.parametrize("N,K,D", [(1, 1, 1), (1, 3, 5), (9, 1, 4), (5, 2, 59), (3, 2, 257), (300, 7, 3), (65, 33, 17)])
+def test_odd_sizes(cov, N, K, D, seed, backend):
     p = random_problem(cov, None, N=N, K=K, D=D, seed=seed, requires_grad=True)
-    _check_against_reference(p, cov)
+    _check_against_reference(p, cov, backend)
 
 
 def test_reference_forms_agree(seed):
@@ -54,12 +54,12 @@ def test_reference_forms_agree(seed):
 
 
 @pytest.mark.parametrize("cov", COVS)
-def test_partially_batched_parameters_broadcast(cov, seed):
+def test_partially_batched_parameters_broadcast(cov, seed, backend):
     """Parameters without the G axis are shared by every mixture (and their gradient sums)."""
     p = random_problem(cov, 4, N=10, K=3, D=2, dtype=torch.float64, seed=seed)
     shared_logits = p["logits"][0].clone().requires_grad_()
     means = p["means"].clone().requires_grad_()
-    out = fg.gmm_log_prob(p["x"], means, p["prec_chol"], shared_logits, cov)
+    out = fg.gmm_log_prob(p["x"], means, p["prec_chol"], shared_logits, cov, backend=backend)
     ref = reference.gmm_log_prob(p["x"], means, p["prec_chol"], shared_logits, cov)
     assert out.shape == (4, 10)
     assert rel_err(out, ref) < 1e-12
@@ -87,23 +87,23 @@ def test_full_ignores_lower_triangle(seed):
 
 
 @pytest.mark.parametrize("cov", COVS)
-def test_gradcheck_float64(cov, seed):
+def test_gradcheck_float64(cov, seed, backend):
     p = random_problem(cov, 2, N=4, K=3, D=3, dtype=torch.float64, seed=seed, requires_grad=True)
     if cov == "full":
         # gradcheck perturbs every entry; the lower triangle must then have zero gradient.
         p["prec_chol"] = p["prec_chol"].detach().triu().requires_grad_()
-    f = lambda *a: fg.gmm_log_prob(*a, cov)  # noqa: E731
+    f = lambda *a: fg.gmm_log_prob(*a, cov, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(f, [p[k] for k in ARGS])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cov", COVS)
-def test_half_inputs_upcast_inside(cov, dtype, seed):
+def test_half_inputs_upcast_inside(cov, dtype, seed, backend):
     """bf16/fp16 in, same dtype out, computed in float32: the error against float64 (on the
     rounded inputs) is at most that of rounding the true result, and at most 2× plain PyTorch
     at that dtype."""
     p = random_problem(cov, None, N=64, K=4, D=8, dtype=dtype, seed=seed, requires_grad=True)
-    out = fg.gmm_log_prob(*(p[k] for k in ARGS), cov)
+    out = fg.gmm_log_prob(*(p[k] for k in ARGS), cov, backend=backend)
     assert out.dtype == dtype
     ref = reference_log_prob(p, cov)
     plain = reference.gmm_log_prob(*(p[k].detach() for k in ARGS), cov)  # at that dtype
@@ -116,31 +116,59 @@ def test_half_inputs_upcast_inside(cov, dtype, seed):
 
 
 @pytest.mark.parametrize("cov", COVS)
-def test_dead_rows_are_minus_inf_with_zero_gradients(cov, seed):
+def test_dead_rows_are_minus_inf_with_zero_gradients(cov, seed, backend):
     p = random_problem(cov, None, N=6, K=3, D=4, seed=seed)
     x = p["x"].clone()
     x[1] = 1e30  # ‖x − μ‖² overflows float32: every ℓ is −inf
     x[4, 0] = float("inf")
     x.requires_grad_()
     params = [p[k].clone().requires_grad_() for k in ARGS[1:]]
-    out = fg.gmm_log_prob(x, *params, cov)
+    out = fg.gmm_log_prob(x, *params, cov, backend=backend)
     assert out[1] == -float("inf") and out[4] == -float("inf")
     live = [0, 2, 3, 5]
     ref = reference.gmm_log_prob(x.detach()[live].double(), *(t.detach().double() for t in params), cov)
     assert rel_err(out[live], ref) <= RTOL_VALUE
     grads = torch.autograd.grad(out[live].sum() + 0 * out.sum(), [x, *params], allow_unused=False)
     # Same upstream on dead rows: their contributions must vanish, not become NaN.
-    grads_all = torch.autograd.grad(fg.gmm_log_prob(x, *params, cov).sum(), [x, *params])
+    grads_all = torch.autograd.grad(fg.gmm_log_prob(x, *params, cov, backend=backend).sum(), [x, *params])
     for a, b in zip(grads, grads_all):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(a, b)
     assert torch.all(grads_all[0][1] == 0) and torch.all(grads_all[0][4] == 0)
 
 
-def test_empty_points_give_empty_result():
+def test_empty_points_give_empty_result(backend):
     p = random_problem("diag", 2, N=3, K=2, D=3, requires_grad=True)
     x = torch.zeros(2, 0, 3, requires_grad=True)
-    out = fg.gmm_log_prob(x, p["means"], p["prec_chol"], p["logits"])
+    out = fg.gmm_log_prob(x, p["means"], p["prec_chol"], p["logits"], backend=backend)
     assert out.shape == (2, 0)
     out.sum().backward()
     assert torch.all(p["means"].grad == 0)
+
+
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("G,x_batched", [(None, True), (4, True), (4, False), (2000, True)])
+def test_compiled_backward_is_deterministic(cov, G, x_batched, seed):
+    """Two runs give bit-identical results (fixed chunking, ordered reduction)."""
+    if "cpu" not in fg.available_backends():
+        pytest.skip("compiled CPU kernels unavailable")
+    N = 3 if G == 2000 else 700
+    p = random_problem(cov, G, N=N, K=6, D=5, seed=seed, x_batched=x_batched, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = fg.gmm_log_prob(*(p[k] for k in ARGS), cov, backend="cpu")
+        runs.append((out, *torch.autograd.grad(out.sum(), [p[k] for k in ARGS])))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("cov", COVS)
+def test_every_cpu_instruction_set_build(isa, cov, seed, monkeypatch):
+    """FASTGMMDIFF_CPU_ISA lowers the kernels' instruction set; each build meets the bar
+    (a level the processor lacks falls back to the highest it has)."""
+    if "cpu" not in fg.available_backends():
+        pytest.skip("compiled CPU kernels unavailable")
+    monkeypatch.setenv("FASTGMMDIFF_CPU_ISA", isa)
+    p = random_problem(cov, 3, N=70, K=9, D=19, seed=seed, requires_grad=True)
+    _check_against_reference(p, cov, "cpu")

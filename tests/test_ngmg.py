@@ -18,11 +18,11 @@ ARGS = ("x", "means", "prec_chol", "logits")
 @pytest.mark.parametrize("use_target", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("G", [None, 3])
-def test_matches_reference(cov, use_target, normalize, G, seed):
+def test_matches_reference(cov, use_target, normalize, G, seed, backend):
     p = random_problem(cov, G, N=29, K=4, D=5, seed=seed, requires_grad=True)
     target = torch.randint(0, 4, (29,) if G is None else (G, 29)) if use_target else None
     args = [p[k] for k in ARGS]
-    out = fg.ngmg_loss(*args, cov, target=target, normalize=normalize, reduction="none")
+    out = fg.ngmg_loss(*args, cov, target=target, normalize=normalize, reduction="none", backend=backend)
     ref = reference.ngmg_loss(*(a.double() for a in args), cov, target=target,
                               normalize=normalize, reduction="none")
     assert out.shape == ref.shape == ((29,) if G is None else (G, 29))
@@ -51,7 +51,7 @@ def test_gradient_is_minus_ptilde_times_score(seed):
 
 
 @pytest.mark.parametrize("use_target", [False, True])
-def test_gradcheck(use_target, seed):
+def test_gradcheck(use_target, seed, backend):
     """normalize=False: every input.  normalize=True: c is a stop-gradient function of
     (prec_chol, logits), so finite differences see it there; check z and means only."""
     p = random_problem("full", 2, N=3, K=2, D=2, dtype=torch.float64, seed=seed)
@@ -62,7 +62,8 @@ def test_gradcheck(use_target, seed):
     target = torch.tensor([[0, 1, 1], [1, 0, 0]]) if use_target else None
 
     def f(*a, normalize):
-        return fg.ngmg_loss(*a, "full", target=target, normalize=normalize, reduction="none")
+        return fg.ngmg_loss(*a, "full", target=target, normalize=normalize, reduction="none",
+                            backend=backend)
 
     assert torch.autograd.gradcheck(lambda *a: f(*a, normalize=False), args)
     z, m = args[:2]

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "chunks.h"
 #include "problem.h"
 
 namespace fastgmmdiff {
@@ -140,53 +141,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu
   const int64_t items = n_items(r);
   const bool shared = r.Gx == 1 && r.G > 1;
 
-  // Chunks: a fixed split of the items (not of threads), summed in chunk order afterwards,
-  // so results are bit-identical from run to run for a given thread count.  With G >= the
-  // number of chunks and batched x, each chunk owns whole mixtures and writes in place.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_chunk_elems = r.G * r.K * (2 * r.D + 1 + (r.cov == kFull ? r.D * r.D : 0));
-  int64_t chunks = std::min<int64_t>(threads, std::max<int64_t>(items, 1));
-  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, per_chunk_elems * 4)));
-  const bool own_mixtures = !shared && r.G >= chunks;
-  const int64_t nbuf = own_mixtures ? 1 : chunks;
-
-  at::Tensor gmu = at::zeros({nbuf, r.G, r.K, r.D}, r.x.options());
-  std::vector<int64_t> sshape = {nbuf};
+  const int64_t buf_elems = r.G * r.K * (2 * r.D + 1 + (r.cov == kFull ? r.D * r.D : 0));
+  const ChunkPlan plan(items, r.G, shared, buf_elems * static_cast<int64_t>(r.x.element_size()));
+  at::Tensor gmu = at::zeros({plan.nbuf, r.G, r.K, r.D}, r.x.options());
+  std::vector<int64_t> sshape = {plan.nbuf};
   for (auto s : r.prec.sizes()) sshape.push_back(s);
   at::Tensor S = at::zeros(sshape, r.x.options());
-  at::Tensor W = at::zeros({nbuf, r.G, r.K}, r.x.options());
+  at::Tensor W = at::zeros({plan.nbuf, r.G, r.K}, r.x.options());
 
   AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_backward_cpu", [&] {
     const Problem<scalar_t> p = problem<scalar_t>(r);
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* lpp = lp.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
-    const int64_t tiles = (r.N + kTile - 1) / kTile;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        int64_t b, e;
-        if (own_mixtures) {
-          b = (c * r.G / chunks) * tiles;
-          e = ((c + 1) * r.G / chunks) * tiles;
-        } else {
-          b = c * items / chunks;
-          e = (c + 1) * items / chunks;
-        }
-        const int64_t buf = own_mixtures ? 0 : c;
-        const Accum<scalar_t> a{gmu[buf].data_ptr<scalar_t>(), S[buf].data_ptr<scalar_t>(),
-                                W[buf].data_ptr<scalar_t>()};
-        run_bwd(p, gp, lpp, gxp, a, b, e);
-      }
+    plan.run([&](int64_t b, int64_t e, int64_t buf) {
+      const Accum<scalar_t> a{gmu[buf].data_ptr<scalar_t>(), S[buf].data_ptr<scalar_t>(),
+                              W[buf].data_ptr<scalar_t>()};
+      run_bwd(p, gp, lpp, gxp, a, b, e);
     });
   });
-  // Sum the chunk buffers in chunk order (sum over dim 0 of a small tensor is sequential
-  // per output element in ATen's CPU reduction for this layout; do it explicitly anyway).
-  auto fold = [&](const at::Tensor& t) {
-    at::Tensor s = t[0].clone();
-    for (int64_t c = 1; c < nbuf; ++c) s.add_(t[c]);
-    return s;
-  };
-  at::Tensor gmu_t = fold(gmu), S_t = fold(S), W_t = fold(W);
+  at::Tensor gmu_t = fold_chunks(gmu), S_t = fold_chunks(S), W_t = fold_chunks(W);
   at::Tensor gsum = at::where(lp.isfinite(), g, at::zeros({}, g.options())).sum(-1, true);
   at::Tensor glog = W_t - at::softmax(r.logits, -1) * gsum;
   at::Tensor gprec = finish_prec_grad(r.prec, W_t, S_t, r.cov, r.D);

@@ -1,0 +1,197 @@
+// CPU kernels of fastgmmdiff::log_prob_target / log_prob_target_backward: one component per
+// point (NGMG with `target`).  The target component's parameters are read directly (a
+// gather), never the other K − 1:
+//
+//   out_n = c_t − ½ q_n,   q_n = ‖U_tᵀ(x_n − μ_t)‖²,   c_t = Σ_d log U_t[d,d] − D/2 log 2π
+//   ∂x_n = −g_n Λ_t z_n,  ∂μ_t += g_n Λ_t z_n,  and the prec_chol gradient of SPEC §1 with
+//   r = 1 for the target and 0 elsewhere (W_t = Σ g_n, S_t = Σ g_n z z | z yᵀ).
+//
+// Work is per point (D is small in this regime; the inner loops over D vectorise with the
+// compiler's default target).  Rows with a non-finite output get zero gradients.
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../ops.h"
+#include "chunks.h"
+
+namespace fastgmmdiff {
+namespace cpu {
+namespace {
+
+struct TPrepared {
+  at::Tensor x, means, prec, target, c;
+  int cov;
+  int64_t G, Gx, N, K, D;
+};
+
+TPrepared tprepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                   const at::Tensor& target, c10::string_view covariance_type) {
+  TPrepared r;
+  r.cov = parse_cov(covariance_type);
+  check_points_and_params(x, means, prec, r.cov);
+  FGD_CHECK(x.device().is_cpu(), "the CPU kernels got tensors on ", x.device());
+  const auto acc = acc_type(x);
+  r.x = x.to(acc).contiguous();
+  r.means = means.to(acc).contiguous();
+  r.prec = r.cov == kFull ? prec.to(acc).triu().contiguous() : prec.to(acc).contiguous();
+  r.G = r.means.size(0);
+  r.K = r.means.size(1);
+  r.D = r.means.size(2);
+  r.Gx = r.x.size(0);
+  r.N = r.x.size(1);
+  check_target(target, r.G, r.N, x);
+  r.target = target.contiguous();
+  const int64_t* t = r.target.data_ptr<int64_t>();
+  for (int64_t i = 0, n = r.target.numel(); i < n; ++i)
+    FGD_CHECK(t[i] >= 0 && t[i] < r.K, "target holds ", t[i], ", outside the component range [0, ", r.K, ")");
+  r.c = component_lognorm(r.prec, r.cov, r.D);
+  return r;
+}
+
+// q for one point and its component; for FULL also y = Uᵀz into y (length D).
+template <typename T>
+inline T quad1(int cov, const T* __restrict xr, const T* __restrict mu, const T* __restrict pr,
+               int64_t D, T* __restrict y) {
+  T q = 0;
+  if (cov == kDiag) {
+    for (int64_t d = 0; d < D; ++d) {
+      const T t = (xr[d] - mu[d]) * pr[d];
+      q += t * t;
+    }
+  } else if (cov == kSpherical) {
+    for (int64_t d = 0; d < D; ++d) {
+      const T t = xr[d] - mu[d];
+      q += t * t;
+    }
+    q *= pr[0] * pr[0];
+  } else {
+    for (int64_t e = 0; e < D; ++e) y[e] = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const T zd = xr[d] - mu[d];
+      for (int64_t e = d; e < D; ++e) y[e] += pr[d * D + e] * zd;
+    }
+    for (int64_t e = 0; e < D; ++e) q += y[e] * y[e];
+  }
+  return q;
+}
+
+inline int64_t prec_stride(int cov, int64_t D) { return cov == kDiag ? D : cov == kSpherical ? 1 : D * D; }
+
+}  // namespace
+
+at::Tensor log_prob_target_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                               const at::Tensor& target, c10::string_view covariance_type) {
+  TPrepared r = tprepare(x, means, prec, target, covariance_type);
+  at::Tensor out = at::empty({r.G, r.N}, r.x.options());
+  if (r.N == 0) return out;
+  const int64_t ps = prec_stride(r.cov, r.D);
+  AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_target_cpu", [&] {
+    const scalar_t *xp = r.x.data_ptr<scalar_t>(), *mp = r.means.data_ptr<scalar_t>(),
+                   *pp = r.prec.data_ptr<scalar_t>(), *cp = r.c.data_ptr<scalar_t>();
+    const int64_t* tp = r.target.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, ps));
+    at::parallel_for(0, r.G * r.N, grain, [&](int64_t b, int64_t e) {
+      std::vector<scalar_t> y(r.cov == kFull ? r.D : 1);
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t g = i / r.N, n = i % r.N, gk = g * r.K + tp[i];
+        const scalar_t* xr = xp + ((r.Gx == 1 ? 0 : g) * r.N + n) * r.D;
+        const scalar_t q = quad1(r.cov, xr, mp + gk * r.D, pp + gk * ps, r.D, y.data());
+        op[i] = cp[gk] - scalar_t(0.5) * q;
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+    const at::Tensor& target, const at::Tensor& logp, c10::string_view covariance_type) {
+  TPrepared r = tprepare(x, means, prec, target, covariance_type);
+  FGD_CHECK(grad.sizes() == at::IntArrayRef({r.G, r.N}) && logp.sizes() == grad.sizes(),
+            "grad and logp must be [", r.G, ", ", r.N, "], got ", grad.sizes(), " and ", logp.sizes());
+  const auto acc = r.x.scalar_type();
+  at::Tensor g = grad.to(acc).contiguous(), lp = logp.to(acc).contiguous();
+  const bool shared = r.Gx == 1 && r.G > 1;
+  at::Tensor gx = at::zeros_like(r.x);
+  const int64_t ps = prec_stride(r.cov, r.D);
+  // Items: batched x: (g, n) g-major; shared x: n, every g inside (one owner per gx row).
+  const int64_t items = shared ? r.N : r.G * r.N;
+  const ChunkPlan plan(items, r.G, shared, r.G * r.K * (r.D + ps + 1) * static_cast<int64_t>(r.x.element_size()));
+  at::Tensor gmu = at::zeros({plan.nbuf, r.G, r.K, r.D}, r.x.options());
+  std::vector<int64_t> sshape = {plan.nbuf};
+  for (auto s : r.prec.sizes()) sshape.push_back(s);
+  at::Tensor S = at::zeros(sshape, r.x.options());
+  at::Tensor W = at::zeros({plan.nbuf, r.G, r.K}, r.x.options());
+  if (items > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_target_backward_cpu", [&] {
+      const scalar_t *xp = r.x.data_ptr<scalar_t>(), *mp = r.means.data_ptr<scalar_t>(),
+                     *pp = r.prec.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(),
+                     *lpp = lp.data_ptr<scalar_t>();
+      const int64_t* tp = r.target.data_ptr<int64_t>();
+      scalar_t* gxp = gx.data_ptr<scalar_t>();
+      const int64_t D = r.D;
+      plan.run([&](int64_t b, int64_t e, int64_t buf) {
+        scalar_t* gm = gmu[buf].data_ptr<scalar_t>();
+        scalar_t* gs = S[buf].data_ptr<scalar_t>();
+        scalar_t* gw = W[buf].data_ptr<scalar_t>();
+        std::vector<scalar_t> y(D), z(D), uy(D);
+        for (int64_t it = b; it < e; ++it) {
+          const int64_t g0 = shared ? 0 : it / r.N, g1 = shared ? r.G : g0 + 1;
+          const int64_t n = shared ? it : it % r.N;
+          const scalar_t* xr = xp + ((shared ? 0 : g0) * r.N + n) * D;
+          scalar_t* gxr = gxp + ((shared ? 0 : g0) * r.N + n) * D;
+          for (int64_t gg = g0; gg < g1; ++gg) {
+            const int64_t i = gg * r.N + n;
+            if (!std::isfinite(lpp[i]) || gp[i] == scalar_t(0)) continue;
+            const scalar_t w = gp[i];
+            const int64_t gk = gg * r.K + tp[i];
+            const scalar_t* mu = mp + gk * D;
+            const scalar_t* pr = pp + gk * ps;
+            gw[gk] += w;
+            if (r.cov == kFull) {
+              quad1(r.cov, xr, mu, pr, D, y.data());
+              for (int64_t d = 0; d < D; ++d) z[d] = xr[d] - mu[d];
+              scalar_t* gsk = gs + gk * ps;
+              for (int64_t d = 0; d < D; ++d) {
+                scalar_t acc_uy = 0;
+                for (int64_t e2 = d; e2 < D; ++e2) {
+                  acc_uy += pr[d * D + e2] * y[e2];
+                  gsk[d * D + e2] += w * z[d] * y[e2];
+                }
+                gxr[d] -= w * acc_uy;
+                gm[gk * D + d] += w * acc_uy;
+              }
+            } else {
+              scalar_t zz = 0;
+              for (int64_t d = 0; d < D; ++d) {
+                const scalar_t s = r.cov == kDiag ? pr[d] : pr[0];
+                const scalar_t zd = xr[d] - mu[d];
+                const scalar_t lz = w * s * s * zd;
+                gxr[d] -= lz;
+                gm[gk * D + d] += lz;
+                if (r.cov == kDiag)
+                  gs[gk * D + d] += w * zd * zd;
+                else
+                  zz += zd * zd;
+              }
+              if (r.cov == kSpherical) gs[gk] += w * zz;
+            }
+          }
+        }
+      });
+    });
+  }
+  at::Tensor gprec = finish_prec_grad(r.prec, fold_chunks(W), fold_chunks(S), r.cov, r.D);
+  return {gx.to(x.scalar_type()), fold_chunks(gmu).to(means.scalar_type()), gprec.to(prec.scalar_type())};
+}
+
+}  // namespace cpu
+}  // namespace fastgmmdiff
+
+TORCH_LIBRARY_IMPL(fastgmmdiff, CPU, m) {
+  m.impl("log_prob_target", &fastgmmdiff::cpu::log_prob_target_cpu);
+  m.impl("log_prob_target_backward", &fastgmmdiff::cpu::log_prob_target_backward_cpu);
+}
