@@ -4,4 +4,4 @@
 # set-up, so their absence is a failure here (FASTGMMDIFF_REQUIRE_CPU_KERNELS=0 relaxes it).
 source "$(dirname "$0")/env.sh"
 export FASTGMMDIFF_REQUIRE_CPU_KERNELS="${FASTGMMDIFF_REQUIRE_CPU_KERNELS:-1}"
-python -m pytest "$@"
+python -m pytest --benchmark-disable "$@"

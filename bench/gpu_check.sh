@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one prepared GPU check, for the device machine (torch 2.11 + CUDA 13, Triton 3.6,
+# Python 3.12, pytest and pytest-benchmark installed, no network).  From the repository root:
+#   bash bench/gpu_check.sh
+# Builds the CUDA extension, runs the GPU tests and the CUDA benchmarks, writes everything
+# under $OUT (or bench/out/gpu) and prints a short table last.  Must finish in < 6 minutes.
+set -uo pipefail
+OUT="${OUT:-bench/out/gpu}"
+mkdir -p "$OUT"
+PY=python3
+t0=$(date +%s)
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  date -u +%Y-%m-%dT%H:%M:%SZ; } 2>&1 | tee "$OUT/card.txt"
+
+echo "== build ($(( $(date +%s) - t0 ))s)"
+MAX_JOBS=16 FASTGMMDIFF_CUDA_ARCHS=90 $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
+  >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+$PY -c "import fastgmmdiff as f; print('backends:', f.available_backends())" | tee -a "$OUT/card.txt"
+
+echo "== GPU tests ($(( $(date +%s) - t0 ))s)"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py --benchmark-disable 2>&1 | tee "$OUT/tests.log" | tail -15
+
+echo "== CUDA benchmarks ($(( $(date +%s) - t0 ))s)"
+timeout 170 $PY -m pytest -q -p no:cacheprovider bench --benchmark-only -k "cuda-" \
+  --benchmark-min-rounds=5 --benchmark-max-time=0.1 --benchmark-warmup=on \
+  --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
+tail -5 "$OUT/bench.log"
+$PY bench/render.py "$OUT/bench.json" --md "$OUT/table.md" --png "$OUT/speedup.png" >/dev/null 2>&1
+echo "== done in $(( $(date +%s) - t0 ))s; table ($OUT/table.md):"
+cat "$OUT/card.txt"
+cut -c1-400 "$OUT/table.md" 2>/dev/null | grep -E "^\| (cuda|device)" || echo "(no table: see $OUT/bench.log)"

@@ -1,0 +1,480 @@
+// CUDA kernels of the fastgmmdiff ops, for the latency regime (PERF.md `paper`, `small`, `mdn`):
+// forward in one launch, backward in one more, no N·K buffer.  The Triton backend is the
+// throughput path.
+//
+// log_prob forward: one thread per point (grid (⌈N/B⌉, G)), loop over components with an
+// online logsumexp in registers.
+// log_prob backward: one block per (tile of B points, mixture g); the tile's points are staged
+// in shared memory.  For each component k: every thread recomputes ℓ_nk for its point,
+// w = g_n exp(ℓ_nk − log p_n) (kept in shared memory), and subtracts w Λ_k z from its row of
+// ∂x; then threads over d (or (d, e) for full) sum the tile's contributions to ∂μ_k, ∂U_k and
+// ∂logits_k in a fixed order.  Those sums enter the final gradients linearly
+// (W/s − s S, W − π Σg, ...), so each block adds its finished share: a plain store when one
+// block covers the mixture's points (N ≤ B: deterministic), an atomicAdd otherwise.
+// Targeted ops (NGMG with `target`): one thread per point, the target component gathered;
+// parameter gradients by atomicAdd.
+//
+// Dead rows (log p = −inf) and padding get g = 0 and x = 0, so every product stays finite.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../ops.h"
+
+namespace fastgmmdiff {
+namespace cuda {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ T dexp(T x) {
+  return exp(x);
+}
+template <>
+__device__ __forceinline__ float dexp<float>(float x) {
+  return __expf(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T ninf() {
+  return static_cast<T>(-INFINITY);
+}
+
+// q = ‖U_kᵀ(x − μ_k)‖² for one point (x read through `xr`, stride 1).
+template <typename T, int COV>
+__device__ __forceinline__ T quad_point(const T* __restrict__ xr, const T* __restrict__ mu,
+                                        const T* __restrict__ pr, int D) {
+  T q = 0;
+  if (COV == kDiag) {
+    for (int d = 0; d < D; ++d) {
+      const T t = (xr[d] - __ldg(mu + d)) * __ldg(pr + d);
+      q += t * t;
+    }
+  } else if (COV == kSpherical) {
+    for (int d = 0; d < D; ++d) {
+      const T t = xr[d] - __ldg(mu + d);
+      q += t * t;
+    }
+    const T s = __ldg(pr);
+    q *= s * s;
+  } else {
+    for (int e = 0; e < D; ++e) {
+      T y = 0;
+      for (int d = 0; d <= e; ++d) y += __ldg(pr + d * D + e) * (xr[d] - __ldg(mu + d));
+      q += y * y;
+    }
+  }
+  return q;
+}
+
+template <typename T>
+__device__ __forceinline__ void add_out(T* p, T v, bool atomic) {
+  if (atomic)
+    atomicAdd(p, v);
+  else
+    *p += v;
+}
+
+template <typename T, int COV>
+__global__ void fwd_kernel(const T* __restrict__ x, const T* __restrict__ means,
+                           const T* __restrict__ prec, const T* __restrict__ a, T* __restrict__ out,
+                           int64_t Gx, int64_t N, int K, int D) {
+  const int64_t g = blockIdx.y;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const T* xr = x + ((Gx == 1 ? 0 : g) * N + n) * D;
+  const int64_t ps = COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
+  T m = ninf<T>(), s = 0;
+  bool nan = false;
+  for (int k = 0; k < K; ++k) {
+    const int64_t gk = g * K + k;
+    const T l = __ldg(a + gk) - T(0.5) * quad_point<T, COV>(xr, means + gk * D, prec + gk * ps, D);
+    if (l != l) {
+      nan = true;
+    } else if (l > m) {
+      s = s * dexp(m - l) + T(1);
+      m = l;
+    } else if (l > ninf<T>()) {
+      s += dexp(l - m);
+    }
+  }
+  out[g * N + n] = nan ? static_cast<T>(NAN) : (m == ninf<T>() ? m : m + log(s));
+}
+
+// Shared memory of the backward block: xs [B][D], wy [B][D] (full), w [B], g-sum scratch.
+template <typename T, int COV>
+__global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
+                           const T* __restrict__ means, const T* __restrict__ prec,
+                           const T* __restrict__ a, const T* __restrict__ pi,
+                           const T* __restrict__ logp, T* __restrict__ gx, T* __restrict__ gmu,
+                           T* __restrict__ gprec, T* __restrict__ glog, int64_t Gx, int64_t N,
+                           int K, int D) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int B = blockDim.x;
+  T* xs = smem;                                   // [B][D]
+  T* wy = xs + static_cast<int64_t>(B) * D;       // [B][D] (full only)
+  T* ws = wy + (COV == kFull ? static_cast<int64_t>(B) * D : 0);  // [B]
+  T* gsum = ws + B;                               // [1]
+  const int64_t g = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * B + tid;
+  const bool atomic = gridDim.x > 1;
+  const bool shared_x = Gx == 1 && gridDim.y > 1;
+  const int64_t ps = COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
+
+  const bool live = n < N && isfinite(logp[g * N + n]);
+  const T gn = live ? grad[g * N + n] : T(0);
+  const T lpn = live ? logp[g * N + n] : T(0);
+  const T* xg = x + ((Gx == 1 ? 0 : g) * N) * D;
+  for (int d = 0; d < D; ++d) xs[tid * D + d] = live ? xg[n * D + d] : T(0);
+  ws[tid] = gn;
+  __syncthreads();
+  if (tid == 0) {  // Σ_n g_n of the tile, in point order
+    T s = 0;
+    for (int i = 0; i < B; ++i) s += ws[i];
+    gsum[0] = s;
+  }
+  __syncthreads();
+  T* gxr = gx + ((shared_x ? 0 : g) * N + n) * D;
+
+  for (int k = 0; k < K; ++k) {
+    const int64_t gk = g * K + k;
+    const T* mu = means + gk * D;
+    const T* pr = prec + gk * ps;
+    const T* xr = xs + tid * D;
+    const T q = quad_point<T, COV>(xr, mu, pr, D);
+    const T w = gn * dexp(__ldg(a + gk) - T(0.5) * q - lpn);
+    ws[tid] = w;
+    if (n < N && w != T(0)) {
+      if (COV == kFull) {
+        for (int e = 0; e < D; ++e) {
+          T y = 0;
+          for (int d = 0; d <= e; ++d) y += __ldg(pr + d * D + e) * (xr[d] - __ldg(mu + d));
+          wy[tid * D + e] = w * y;
+        }
+        for (int d = 0; d < D; ++d) {
+          T uy = 0;
+          for (int e = d; e < D; ++e) uy += __ldg(pr + d * D + e) * wy[tid * D + e];
+          if (shared_x) atomicAdd(gxr + d, -uy); else gxr[d] -= uy;
+        }
+      } else {
+        for (int d = 0; d < D; ++d) {
+          const T s = COV == kDiag ? __ldg(pr + d) : __ldg(pr);
+          const T v = -w * s * s * (xr[d] - __ldg(mu + d));
+          if (shared_x) atomicAdd(gxr + d, v); else gxr[d] += v;
+        }
+      }
+    } else if (COV == kFull) {
+      for (int e = 0; e < D; ++e) wy[tid * D + e] = 0;
+    }
+    __syncthreads();
+    // Tile sums, each by one thread in point order.
+    T W = 0;
+    for (int i = 0; i < B; ++i) W += ws[i];
+    if (COV == kFull) {
+      for (int pair = tid; pair < D * D; pair += B) {
+        const int d = pair / D, e = pair % D;
+        if (e < d) continue;
+        T S = 0;
+        for (int i = 0; i < B; ++i) S += (xs[i * D + d] - __ldg(mu + d)) * wy[i * D + e];
+        const T Udd = __ldg(pr + d * D + d);
+        add_out(gprec + gk * ps + d * D + e, (d == e ? W / Udd : T(0)) - S, atomic);
+      }
+      for (int d = tid; d < D; d += B) {
+        T m = 0;
+        for (int e = d; e < D; ++e) {
+          T col = 0;
+          for (int i = 0; i < B; ++i) col += wy[i * D + e];
+          m += __ldg(pr + d * D + e) * col;
+        }
+        add_out(gmu + gk * D + d, m, atomic);
+      }
+    } else if (COV == kSpherical) {
+      // ∂s_k = D W/s − s Σ_n w ‖z‖²; ∂μ_k = s² Σ_n w z.
+      const T s = __ldg(pr);
+      for (int d = tid; d < D; d += B) {
+        const T md = __ldg(mu + d);
+        T sz = 0;
+        for (int i = 0; i < B; ++i) sz += ws[i] * (xs[i * D + d] - md);
+        add_out(gmu + gk * D + d, s * s * sz, atomic);
+      }
+      if (tid == 0) {
+        T szz = 0;
+        for (int i = 0; i < B; ++i) {
+          T zz = 0;
+          for (int d = 0; d < D; ++d) {
+            const T z = xs[i * D + d] - __ldg(mu + d);
+            zz += z * z;
+          }
+          szz += ws[i] * zz;
+        }
+        add_out(gprec + gk, D * W / s - s * szz, atomic);
+      }
+    } else {
+      for (int d = tid; d < D; d += B) {
+        const T md = __ldg(mu + d);
+        T sz = 0, szz = 0;
+        for (int i = 0; i < B; ++i) {
+          const T z = xs[i * D + d] - md;
+          sz += ws[i] * z;
+          szz += ws[i] * z * z;
+        }
+        const T s = __ldg(pr + d);
+        add_out(gmu + gk * D + d, s * s * sz, atomic);
+        add_out(gprec + gk * D + d, W / s - s * szz, atomic);
+      }
+    }
+    if (tid == 0) add_out(glog + gk, W - __ldg(pi + gk) * gsum[0], atomic);
+    __syncthreads();
+  }
+}
+
+template <typename T, int COV>
+__global__ void target_fwd_kernel(const T* __restrict__ x, const T* __restrict__ means,
+                                  const T* __restrict__ prec, const T* __restrict__ c,
+                                  const int64_t* __restrict__ target, T* __restrict__ out,
+                                  int64_t G, int64_t Gx, int64_t N, int K, int D) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= G * N) return;
+  const int64_t g = i / N, n = i % N;
+  const int64_t gk = g * K + target[i];
+  const int64_t ps = COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
+  const T* xr = x + ((Gx == 1 ? 0 : g) * N + n) * D;
+  out[i] = __ldg(c + gk) - T(0.5) * quad_point<T, COV>(xr, means + gk * D, prec + gk * ps, D);
+}
+
+template <typename T, int COV>
+__global__ void target_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
+                                  const T* __restrict__ means, const T* __restrict__ prec,
+                                  const int64_t* __restrict__ target, const T* __restrict__ logp,
+                                  T* __restrict__ gx, T* __restrict__ gmu, T* __restrict__ gprec,
+                                  int64_t G, int64_t Gx, int64_t N, int K, int D) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= G * N || !isfinite(logp[i])) return;
+  const T w = grad[i];
+  if (w == T(0)) return;
+  const int64_t g = i / N, n = i % N;
+  const int64_t gk = g * K + target[i];
+  const int64_t ps = COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
+  const bool shared_x = Gx == 1 && G > 1;
+  const T* xr = x + ((Gx == 1 ? 0 : g) * N + n) * D;
+  T* gxr = gx + ((shared_x ? 0 : g) * N + n) * D;
+  const T* mu = means + gk * D;
+  const T* pr = prec + gk * ps;
+  if (COV == kFull) {
+    for (int d = 0; d < D; ++d) {
+      // (U Uᵀ z)_d and the row d of −w z yᵀ (e ≥ d), recomputing y_e = Σ_{d' ≤ e} U[d',e] z_d'.
+      T uy = 0;
+      const T zd = xr[d] - __ldg(mu + d);
+      for (int e = d; e < D; ++e) {
+        T y = 0;
+        for (int dd = 0; dd <= e; ++dd) y += __ldg(pr + dd * D + e) * (xr[dd] - __ldg(mu + dd));
+        uy += __ldg(pr + d * D + e) * y;
+        atomicAdd(gprec + gk * ps + d * D + e, (d == e ? w / __ldg(pr + d * D + d) : T(0)) - w * zd * y);
+      }
+      if (shared_x) atomicAdd(gxr + d, -w * uy); else gxr[d] = -w * uy;
+      atomicAdd(gmu + gk * D + d, w * uy);
+    }
+  } else {
+    T zz = 0;
+    for (int d = 0; d < D; ++d) {
+      const T s = COV == kDiag ? __ldg(pr + d) : __ldg(pr);
+      const T z = xr[d] - __ldg(mu + d);
+      const T lz = w * s * s * z;
+      if (shared_x) atomicAdd(gxr + d, -lz); else gxr[d] = -lz;
+      atomicAdd(gmu + gk * D + d, lz);
+      if (COV == kDiag) atomicAdd(gprec + gk * D + d, w / s - s * w * z * z);
+      else zz += z * z;
+    }
+    if (COV == kSpherical) {
+      const T s = __ldg(pr);
+      atomicAdd(gprec + gk, D * w / s - s * w * zz);
+    }
+  }
+}
+
+struct Prep {
+  at::Tensor x, means, prec, logits;
+  int cov;
+  int64_t G, Gx, N, K, D;
+};
+
+Prep prep(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec, int cov) {
+  FGD_CHECK(x.is_cuda(), "the CUDA kernels got tensors on ", x.device());
+  const auto acc = acc_type(x);
+  Prep r;
+  r.cov = cov;
+  r.x = x.to(acc).contiguous();
+  r.means = means.to(acc).contiguous();
+  r.prec = cov == kFull ? prec.to(acc).triu().contiguous() : prec.to(acc).contiguous();
+  r.G = r.means.size(0);
+  r.K = r.means.size(1);
+  r.D = r.means.size(2);
+  r.Gx = r.x.size(0);
+  r.N = r.x.size(1);
+  FGD_CHECK(r.K < (int64_t{1} << 31) && r.D < (int64_t{1} << 16) && r.G < 65536,
+            "the CUDA kernels take K < 2^31, D < 65536 and G < 65536 (got K=", r.K, ", D=", r.D,
+            ", G=", r.G, "); use backend='torch'");
+  return r;
+}
+
+#define FGD_DISPATCH_COV(cov, ...)                              \
+  [&] {                                                         \
+    if (cov == kDiag) {                                         \
+      constexpr int COV = kDiag;                                \
+      __VA_ARGS__();                                            \
+    } else if (cov == kSpherical) {                             \
+      constexpr int COV = kSpherical;                           \
+      __VA_ARGS__();                                            \
+    } else {                                                    \
+      constexpr int COV = kFull;                                \
+      __VA_ARGS__();                                            \
+    }                                                           \
+  }()
+
+int block_for(int64_t N) {
+  int b = 32;
+  while (b < 256 && b < N) b *= 2;
+  return b;
+}
+
+}  // namespace
+
+at::Tensor log_prob_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                         const at::Tensor& logits, c10::string_view covariance_type) {
+  const int cov = parse_cov(covariance_type);
+  check_layout(x, means, prec, logits, cov);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Prep r = prep(x, means, prec, cov);
+  at::Tensor a = component_const(r.prec, logits.to(r.x.scalar_type()), cov, r.D);
+  at::Tensor out = at::empty({r.G, r.N}, r.x.options());
+  if (r.N == 0) return out;
+  const int B = block_for(r.N);
+  const dim3 grid(static_cast<unsigned>((r.N + B - 1) / B), static_cast<unsigned>(r.G));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_cuda", [&] {
+    FGD_DISPATCH_COV(cov, [&] {
+      fwd_kernel<scalar_t, COV><<<grid, B, 0, stream>>>(
+          r.x.data_ptr<scalar_t>(), r.means.data_ptr<scalar_t>(), r.prec.data_ptr<scalar_t>(),
+          a.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), r.Gx, r.N, static_cast<int>(r.K),
+          static_cast<int>(r.D));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+    const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
+  const int cov = parse_cov(covariance_type);
+  check_layout(x, means, prec, logits, cov);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Prep r = prep(x, means, prec, cov);
+  FGD_CHECK(grad.sizes() == at::IntArrayRef({r.G, r.N}) && logp.sizes() == grad.sizes(),
+            "grad and logp must be [", r.G, ", ", r.N, "], got ", grad.sizes(), " and ", logp.sizes());
+  const auto acc = r.x.scalar_type();
+  at::Tensor lg = logits.to(acc).contiguous();
+  at::Tensor a = component_const(r.prec, lg, cov, r.D);
+  at::Tensor pi = at::softmax(lg, -1).contiguous();
+  at::Tensor g = grad.to(acc).contiguous(), lp = logp.to(acc).contiguous();
+  at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
+  at::Tensor glog = at::zeros_like(lg);
+  if (r.N > 0) {
+    const int B = block_for(r.N);
+    const size_t elem = r.x.element_size();
+    const size_t smem = elem * (static_cast<size_t>(B) * r.D * (cov == kFull ? 2 : 1) + B + 1);
+    const dim3 grid(static_cast<unsigned>((r.N + B - 1) / B), static_cast<unsigned>(r.G));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_backward_cuda", [&] {
+      FGD_DISPATCH_COV(cov, [&] {
+        auto kern = bwd_kernel<scalar_t, COV>;
+        if (smem > 48 * 1024) {
+          FGD_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)) == cudaSuccess,
+                    "D = ", r.D, " needs ", smem, " bytes of shared memory per block; use backend='triton' or 'torch'");
+        }
+        kern<<<grid, B, smem, stream>>>(
+            g.data_ptr<scalar_t>(), r.x.data_ptr<scalar_t>(), r.means.data_ptr<scalar_t>(),
+            r.prec.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), pi.data_ptr<scalar_t>(),
+            lp.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), gmu.data_ptr<scalar_t>(),
+            gprec.data_ptr<scalar_t>(), glog.data_ptr<scalar_t>(), r.Gx, r.N,
+            static_cast<int>(r.K), static_cast<int>(r.D));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  if (cov == kFull) gprec = gprec.triu();
+  return {gx.to(x.scalar_type()), gmu.to(means.scalar_type()), gprec.to(prec.scalar_type()),
+          glog.to(logits.scalar_type())};
+}
+
+at::Tensor log_prob_target_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                                const at::Tensor& target, c10::string_view covariance_type) {
+  const int cov = parse_cov(covariance_type);
+  check_points_and_params(x, means, prec, cov);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Prep r = prep(x, means, prec, cov);
+  check_target(target, r.G, r.N, x);
+  at::Tensor t = target.contiguous();
+  at::Tensor c = component_lognorm(r.prec, cov, r.D);
+  at::Tensor out = at::empty({r.G, r.N}, r.x.options());
+  const int64_t total = r.G * r.N;
+  if (total == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_target_cuda", [&] {
+    FGD_DISPATCH_COV(cov, [&] {
+      target_fwd_kernel<scalar_t, COV><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+          r.x.data_ptr<scalar_t>(), r.means.data_ptr<scalar_t>(), r.prec.data_ptr<scalar_t>(),
+          c.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), r.G, r.Gx, r.N,
+          static_cast<int>(r.K), static_cast<int>(r.D));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+    const at::Tensor& target, const at::Tensor& logp, c10::string_view covariance_type) {
+  const int cov = parse_cov(covariance_type);
+  check_points_and_params(x, means, prec, cov);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Prep r = prep(x, means, prec, cov);
+  check_target(target, r.G, r.N, x);
+  FGD_CHECK(grad.sizes() == at::IntArrayRef({r.G, r.N}) && logp.sizes() == grad.sizes(),
+            "grad and logp must be [", r.G, ", ", r.N, "], got ", grad.sizes(), " and ", logp.sizes());
+  const auto acc = r.x.scalar_type();
+  at::Tensor t = target.contiguous(), g = grad.to(acc).contiguous(), lp = logp.to(acc).contiguous();
+  at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
+  const int64_t total = r.G * r.N;
+  if (total > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_target_backward_cuda", [&] {
+      FGD_DISPATCH_COV(cov, [&] {
+        target_bwd_kernel<scalar_t, COV><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+            g.data_ptr<scalar_t>(), r.x.data_ptr<scalar_t>(), r.means.data_ptr<scalar_t>(),
+            r.prec.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), lp.data_ptr<scalar_t>(),
+            gx.data_ptr<scalar_t>(), gmu.data_ptr<scalar_t>(), gprec.data_ptr<scalar_t>(), r.G,
+            r.Gx, r.N, static_cast<int>(r.K), static_cast<int>(r.D));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  return {gx.to(x.scalar_type()), gmu.to(means.scalar_type()), gprec.to(prec.scalar_type())};
+}
+
+}  // namespace cuda
+}  // namespace fastgmmdiff
+
+TORCH_LIBRARY_IMPL(fastgmmdiff, CUDA, m) {
+  m.impl("log_prob", &fastgmmdiff::cuda::log_prob_cuda);
+  m.impl("log_prob_backward", &fastgmmdiff::cuda::log_prob_backward_cuda);
+  m.impl("log_prob_target", &fastgmmdiff::cuda::log_prob_target_cuda);
+  m.impl("log_prob_target_backward", &fastgmmdiff::cuda::log_prob_target_backward_cuda);
+}

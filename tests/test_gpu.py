@@ -1,0 +1,120 @@
+"""CUDA tests (run by bench/gpu_check.sh on a GPU machine; skipped at run time elsewhere):
+the "cuda" and "torch" backends on CUDA tensors against the float64 reference, dead rows,
+targets, determinism of the one-block backward, CUDA-graph capture and torch.compile."""
+
+import pytest
+import torch
+
+import fastgmmdiff as fg
+from fastgmmdiff import reference
+from fastgmmdiff.testing import RTOL_GRAD, RTOL_VALUE, random_problem, rel_err
+
+COVS = ["diag", "spherical", "full"]
+ARGS = ("x", "means", "prec_chol", "logits")
+
+
+@pytest.fixture(params=["cuda", "torch"])
+def gpu_backend(request):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if request.param not in fg.available_backends():
+        pytest.skip(f"backend {request.param!r} unavailable")
+    return request.param
+
+
+def _problem(cov, G, N, K, D, seed, x_batched=True):
+    p = random_problem(cov, G, N=N, K=K, D=D, seed=seed, device="cuda", x_batched=x_batched,
+                       requires_grad=True)
+    if cov == "full":
+        p["prec_chol"] = p["prec_chol"].detach().triu().requires_grad_()
+    return p
+
+
+def _check(p, cov, backend, op="log_prob", target=None):
+    args = [p[k] for k in ARGS]
+    a64 = [t.detach().double().requires_grad_() for t in args]
+    if op == "log_prob":
+        out = fg.gmm_log_prob(*args, cov, backend=backend)
+        ref = reference.gmm_log_prob(*a64, cov)
+    else:
+        out = fg.ngmg_loss(*args, cov, target=target, reduction="none", backend=backend)
+        ref = reference.ngmg_loss(*a64, cov, target=target, reduction="none")
+    assert rel_err(out, ref) <= RTOL_VALUE
+    up = torch.randn_like(ref)
+    ga = torch.autograd.grad(out, args, up.float(), allow_unused=True)
+    gb = torch.autograd.grad(ref, a64, up, allow_unused=True)
+    for name, x, y in zip(ARGS, ga, gb):
+        if y is None:
+            continue
+        assert rel_err(x, y) <= RTOL_GRAD, name
+
+
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("G,N,K,D,xb", [(None, 300, 7, 5, True), (3, 37, 4, 6, True), (3, 37, 4, 6, False),
+                                        (None, 1, 1, 1, True), (None, 5, 2, 59, True), (2000, 1, 8, 2, True),
+                                        (None, 2049, 33, 17, True)])
+def test_log_prob_matches_reference(cov, G, N, K, D, xb, gpu_backend):
+    _check(_problem(cov, G, N, K, D, seed=N + K, x_batched=xb), cov, gpu_backend)
+
+
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("use_target", [False, True])
+def test_ngmg_matches_reference(cov, use_target, gpu_backend):
+    p = _problem(cov, 40, 256, 2, 4, seed=3)
+    t = torch.randint(0, 2, (40, 256), device="cuda") if use_target else None
+    _check(p, cov, gpu_backend, op="ngmg", target=t)
+
+
+def test_dead_rows(gpu_backend):
+    p = _problem("diag", None, 6, 3, 4, seed=1)
+    x = p["x"].detach().clone()
+    x[1] = 1e30
+    x.requires_grad_()
+    out = fg.gmm_log_prob(x, p["means"], p["prec_chol"], p["logits"], backend=gpu_backend)
+    assert out[1] == -float("inf")
+    grads = torch.autograd.grad(out.sum(), [x, p["means"], p["prec_chol"], p["logits"]])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.all(grads[0][1] == 0)
+
+
+def test_one_block_backward_is_deterministic():
+    if not torch.cuda.is_available() or "cuda" not in fg.available_backends():
+        pytest.skip("no CUDA backend")
+    p = _problem("diag", None, 256, 8, 40, seed=2)
+    runs = []
+    for _ in range(2):
+        out = fg.gmm_log_prob(*(p[k] for k in ARGS), backend="cuda")
+        runs.append(torch.autograd.grad(out.sum(), [p[k] for k in ARGS]))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_cuda_graph_capture_of_forward_and_backward(gpu_backend):
+    p = _problem("diag", None, 256, 8, 40, seed=4)
+    args = [p[k] for k in ARGS]
+
+    def step():
+        out = fg.gmm_log_prob(*args, backend=gpu_backend)
+        return torch.autograd.grad(out.sum(), args)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile(gpu_backend):
+    torch._dynamo.reset()
+    p = _problem("full", None, 64, 4, 3, seed=5)
+    args = [p[k] for k in ARGS]
+    f = torch.compile(lambda *a: fg.ngmg_loss(*a, "full", backend=gpu_backend), fullgraph=True)
+    torch.testing.assert_close(f(*args), fg.ngmg_loss(*args, "full", backend=gpu_backend))
