@@ -7,6 +7,7 @@
   (the package still works on its "torch" backend).  FASTGMMDIFF_CUDA_ARCHS="90;80": target
   architectures (default 90).  FASTGMMDIFF_NATIVE=1: -march=native for the CPU kernels.
   MAX_JOBS: parallel compile jobs (torch.utils.cpp_extension honours it).
+  FASTGMMDIFF_SANITIZE=address: build the CPU kernels under AddressSanitizer (testing only).
 Install with: pip install --no-build-isolation .
 """
 
@@ -42,6 +43,10 @@ def extensions():
     if _flag("FASTGMMDIFF_NATIVE"):
         cxx.append("-march=native")
     link = ["-fopenmp"]
+    if os.environ.get("FASTGMMDIFF_SANITIZE"):  # e.g. address: run python with libasan preloaded
+        san = f"-fsanitize={os.environ['FASTGMMDIFF_SANITIZE']}"
+        cxx += [san, "-fno-omit-frame-pointer", "-g"]
+        link.append(san)
     use_cuda = (torch.version.cuda is not None and ce.CUDA_HOME is not None
                 and not _flag("FASTGMMDIFF_SKIP_CUDA_BUILD") and glob.glob("csrc/cuda/*.cu"))
     if use_cuda:

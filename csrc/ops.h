@@ -70,6 +70,29 @@ inline at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The inputs upcast to the accumulation dtype, contiguous, full factors read as upper
+// triangular, with their sizes.  Shared by the CPU and CUDA entry points.
+struct Canonical {
+  at::Tensor x, means, prec;
+  int cov;
+  int64_t G, Gx, N, K, D;
+};
+
+inline Canonical canonical(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec, int cov) {
+  const auto acc = acc_type(x);
+  Canonical r;
+  r.cov = cov;
+  r.x = x.to(acc).contiguous();
+  r.means = means.to(acc).contiguous();
+  r.prec = cov == kFull ? prec.to(acc).triu().contiguous() : prec.to(acc).contiguous();
+  r.G = r.means.size(0);
+  r.K = r.means.size(1);
+  r.D = r.means.size(2);
+  r.Gx = r.x.size(0);
+  r.N = r.x.size(1);
+  return r;
+}
+
 // Σ_d log U[d,d] per component, [G, K].
 inline at::Tensor log_det(const at::Tensor& prec, int cov, int64_t D) {
   if (cov == kDiag) return prec.log().sum(-1);

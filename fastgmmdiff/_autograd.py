@@ -36,23 +36,30 @@ def _op(qualname: str):
     return getattr(getattr(torch.ops, ns), name).default
 
 
-def register_log_prob_op(fwd_name: str, bwd_name: str) -> None:
-    """Register fakes for the ops ``fwd_name``/``bwd_name`` ("ns::name") and fwd's autograd."""
-    torch.library.register_fake(fwd_name)(_fake_fwd)
-    torch.library.register_fake(bwd_name)(_fake_bwd)
+def _register(fwd_name, bwd_name, fake_fwd, fake_bwd, n_grads):
+    """Fakes for both ops, and fwd's autograd: save the tensor inputs and the output (log p);
+    backward calls ``bwd(grad, *tensor inputs, log p, covariance_type)``, which returns the
+    gradients of the first ``n_grads`` inputs."""
+    torch.library.register_fake(fwd_name)(fake_fwd)
+    torch.library.register_fake(bwd_name)(fake_bwd)
     bwd = _op(bwd_name)
 
     def setup_context(ctx, inputs, output):
-        x, means, prec_chol, logits, cov = inputs
-        ctx.save_for_backward(x, means, prec_chol, logits, output)
+        *tensors, cov = inputs
+        ctx.save_for_backward(*tensors, output)
         ctx.cov = cov
 
     def backward(ctx, grad):
-        x, means, prec_chol, logits, logp = ctx.saved_tensors
-        gx, gm, gp, gl = bwd(grad.contiguous(), x, means, prec_chol, logits, logp, ctx.cov)
-        return gx, gm, gp, gl, None
+        *tensors, logp = ctx.saved_tensors
+        grads = bwd(grad.contiguous(), *tensors, logp, ctx.cov)
+        return (*grads, *([None] * (len(tensors) + 1 - n_grads)))
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def register_log_prob_op(fwd_name: str, bwd_name: str) -> None:
+    """Register fakes for the ops ``fwd_name``/``bwd_name`` ("ns::name") and fwd's autograd."""
+    _register(fwd_name, bwd_name, _fake_fwd, _fake_bwd, 4)
 
 
 # --- one component per point (NGMG with target) ----------------------------------------------
@@ -74,18 +81,4 @@ def _fake_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type):
 
 def register_target_op(fwd_name: str, bwd_name: str) -> None:
     """Like ``register_log_prob_op`` for the one-component-per-point op pair."""
-    torch.library.register_fake(fwd_name)(_fake_target_fwd)
-    torch.library.register_fake(bwd_name)(_fake_target_bwd)
-    bwd = _op(bwd_name)
-
-    def setup_context(ctx, inputs, output):
-        x, means, prec_chol, target, cov = inputs
-        ctx.save_for_backward(x, means, prec_chol, target, output)
-        ctx.cov = cov
-
-    def backward(ctx, grad):
-        x, means, prec_chol, target, logp = ctx.saved_tensors
-        gx, gm, gp = bwd(grad.contiguous(), x, means, prec_chol, target, logp, ctx.cov)
-        return gx, gm, gp, None, None
-
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    _register(fwd_name, bwd_name, _fake_target_fwd, _fake_target_bwd, 3)

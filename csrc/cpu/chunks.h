@@ -20,9 +20,12 @@ struct ChunkPlan {
 
   // items: work items; per_g: items per mixture when items are g-major (batched x);
   // buf_bytes: bytes of one set of parameter-gradient buffers.
-  ChunkPlan(int64_t items_, int64_t G_, bool shared, int64_t buf_bytes) : items(items_), G(G_) {
+  // work: total element-operations; a chunk gets at least ~2^18 of them.
+  ChunkPlan(int64_t items_, int64_t G_, bool shared, int64_t buf_bytes, int64_t work)
+      : items(items_), G(G_) {
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     chunks = std::min<int64_t>(threads, std::max<int64_t>(items, 1));
+    chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, work >> 18));
     chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, buf_bytes)));
     own_mixtures = !shared && G >= chunks;
     nbuf = own_mixtures ? 1 : chunks;
@@ -42,6 +45,12 @@ struct ChunkPlan {
   }
   template <typename F>
   void run(const F& f) const {
+    if (chunks == 1) {
+      int64_t b, e, buf;
+      range(0, &b, &e, &buf);
+      f(b, e, buf);
+      return;
+    }
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         int64_t b, e, buf;
@@ -54,6 +63,7 @@ struct ChunkPlan {
 
 // Σ over the leading (chunk) axis, in chunk order.
 inline at::Tensor fold_chunks(const at::Tensor& t) {
+  if (t.size(0) == 1) return t[0];
   at::Tensor s = t[0].clone();
   for (int64_t c = 1; c < t.size(0); ++c) s.add_(t[c]);
   return s;

@@ -6,7 +6,9 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../ops.h"
@@ -68,10 +70,8 @@ void run_bwd(const Problem<T>& p, const T* grad, const T* logp, T* gx, const Acc
   }
 }
 
-struct Prepared {
-  at::Tensor x, means, prec, logits, a;
-  int cov;
-  int64_t G, Gx, N, K, D;
+struct Prepared : Canonical {
+  at::Tensor logits, a;
 };
 
 Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
@@ -79,19 +79,39 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor&
   const int cov = parse_cov(covariance_type);
   check_layout(x, means, prec, logits, cov);
   FGD_CHECK(x.device().is_cpu(), "the CPU kernels got tensors on ", x.device());
-  const auto acc = acc_type(x);
   Prepared r;
-  r.cov = cov;
-  r.x = x.to(acc).contiguous();
-  r.means = means.to(acc).contiguous();
-  r.prec = cov == kFull ? prec.to(acc).triu().contiguous() : prec.to(acc).contiguous();
-  r.logits = logits.to(acc).contiguous();
-  r.G = r.means.size(0);
-  r.K = r.means.size(1);
-  r.D = r.means.size(2);
-  r.Gx = r.x.size(0);
-  r.N = r.x.size(1);
-  r.a = component_const(r.prec, r.logits, cov, r.D);
+  static_cast<Canonical&>(r) = canonical(x, means, prec, cov);
+  r.logits = logits.to(r.x.scalar_type()).contiguous();
+  // a_k = log π_k + Σ_d log U_k[d,d] − D/2 log 2π, in a plain loop (G·K·D work: cheaper than
+  // the four ATen ops of component_const at the latency-regime sizes).
+  r.a = at::empty({r.G, r.K}, r.x.options());
+  AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_component_const", [&] {
+    const scalar_t* lg = r.logits.data_ptr<scalar_t>();
+    const scalar_t* pr = r.prec.data_ptr<scalar_t>();
+    scalar_t* a = r.a.data_ptr<scalar_t>();
+    const int64_t K = r.K, D = r.D;
+    const int64_t ps = cov == kDiag ? D : cov == kSpherical ? 1 : D * D;
+    const scalar_t half_d_log2pi = scalar_t(0.5 * 1.8378770664093454835606594728112) * scalar_t(D);
+    for (int64_t g = 0; g < r.G; ++g) {
+      const scalar_t* l = lg + g * K;
+      scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+      for (int64_t k = 0; k < K; ++k) m = std::max(m, l[k]);
+      scalar_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += std::exp(l[k] - m);
+      const scalar_t lse = m + std::log(sum);
+      for (int64_t k = 0; k < K; ++k) {
+        const scalar_t* u = pr + (g * K + k) * ps;
+        scalar_t ld = 0;
+        if (cov == kDiag)
+          for (int64_t d = 0; d < D; ++d) ld += std::log(u[d]);
+        else if (cov == kSpherical)
+          ld = scalar_t(D) * std::log(u[0]);
+        else
+          for (int64_t d = 0; d < D; ++d) ld += std::log(u[d * D + d]);
+        a[g * K + k] = l[k] - lse + ld - half_d_log2pi;
+      }
+    }
+  });
   return r;
 }
 
@@ -119,7 +139,9 @@ at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::
   at::Tensor out = at::empty({r.G, r.N}, r.x.options());
   const int64_t items = n_items(r);
   if (items == 0) return out;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, work_per_item(r)));
+  // Threads only when each gets ≥ ~2^18 element-operations: below that, waking the pool costs
+  // more than it saves (the latency-regime workloads).
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, work_per_item(r)));
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_cpu", [&] {
     const Problem<scalar_t> p = problem<scalar_t>(r);
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -142,7 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu
   const bool shared = r.Gx == 1 && r.G > 1;
 
   const int64_t buf_elems = r.G * r.K * (2 * r.D + 1 + (r.cov == kFull ? r.D * r.D : 0));
-  const ChunkPlan plan(items, r.G, shared, buf_elems * static_cast<int64_t>(r.x.element_size()));
+  const ChunkPlan plan(items, r.G, shared, buf_elems * static_cast<int64_t>(r.x.element_size()),
+                       items * work_per_item(r));
   at::Tensor gmu = at::zeros({plan.nbuf, r.G, r.K, r.D}, r.x.options());
   std::vector<int64_t> sshape = {plan.nbuf};
   for (auto s : r.prec.sizes()) sshape.push_back(s);

@@ -20,33 +20,23 @@ namespace fastgmmdiff {
 namespace cpu {
 namespace {
 
-struct TPrepared {
-  at::Tensor x, means, prec, target, c;
-  int cov;
-  int64_t G, Gx, N, K, D;
+struct TPrepared : Canonical {
+  at::Tensor target, c;
 };
 
 TPrepared tprepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                    const at::Tensor& target, c10::string_view covariance_type) {
-  TPrepared r;
-  r.cov = parse_cov(covariance_type);
-  check_points_and_params(x, means, prec, r.cov);
+  const int cov = parse_cov(covariance_type);
+  check_points_and_params(x, means, prec, cov);
   FGD_CHECK(x.device().is_cpu(), "the CPU kernels got tensors on ", x.device());
-  const auto acc = acc_type(x);
-  r.x = x.to(acc).contiguous();
-  r.means = means.to(acc).contiguous();
-  r.prec = r.cov == kFull ? prec.to(acc).triu().contiguous() : prec.to(acc).contiguous();
-  r.G = r.means.size(0);
-  r.K = r.means.size(1);
-  r.D = r.means.size(2);
-  r.Gx = r.x.size(0);
-  r.N = r.x.size(1);
+  TPrepared r;
+  static_cast<Canonical&>(r) = canonical(x, means, prec, cov);
   check_target(target, r.G, r.N, x);
   r.target = target.contiguous();
   const int64_t* t = r.target.data_ptr<int64_t>();
   for (int64_t i = 0, n = r.target.numel(); i < n; ++i)
     FGD_CHECK(t[i] >= 0 && t[i] < r.K, "target holds ", t[i], ", outside the component range [0, ", r.K, ")");
-  r.c = component_lognorm(r.prec, r.cov, r.D);
+  r.c = component_lognorm(r.prec, cov, r.D);
   return r;
 }
 
@@ -92,7 +82,7 @@ at::Tensor log_prob_target_cpu(const at::Tensor& x, const at::Tensor& means, con
                    *pp = r.prec.data_ptr<scalar_t>(), *cp = r.c.data_ptr<scalar_t>();
     const int64_t* tp = r.target.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, ps));
+    const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, ps + r.D));
     at::parallel_for(0, r.G * r.N, grain, [&](int64_t b, int64_t e) {
       std::vector<scalar_t> y(r.cov == kFull ? r.D : 1);
       for (int64_t i = b; i < e; ++i) {
@@ -119,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
   const int64_t ps = prec_stride(r.cov, r.D);
   // Items: batched x: (g, n) g-major; shared x: n, every g inside (one owner per gx row).
   const int64_t items = shared ? r.N : r.G * r.N;
-  const ChunkPlan plan(items, r.G, shared, r.G * r.K * (r.D + ps + 1) * static_cast<int64_t>(r.x.element_size()));
+  const ChunkPlan plan(items, r.G, shared, r.G * r.K * (r.D + ps + 1) * static_cast<int64_t>(r.x.element_size()),
+                       r.G * r.N * (ps + r.D));
   at::Tensor gmu = at::zeros({plan.nbuf, r.G, r.K, r.D}, r.x.options());
   std::vector<int64_t> sshape = {plan.nbuf};
   for (auto s : r.prec.sizes()) sshape.push_back(s);

@@ -2,7 +2,7 @@
 // forward in one launch, backward in one more, no N·K buffer.  The Triton backend is the
 // throughput path.
 //
-// log_prob forward: one thread per point (grid (⌈N/B⌉, G)), loop over components with an
+// log_prob forward: one thread per point (1-D grid over (mixture, tile of B points)), loop over components with an
 // online logsumexp in registers.
 // log_prob backward: one block per (tile of B points, mixture g); the tile's points are staged
 // in shared memory.  For each component k: every thread recomputes ℓ_nk for its point,
@@ -82,9 +82,10 @@ __device__ __forceinline__ void add_out(T* p, T v, bool atomic) {
 template <typename T, int COV>
 __global__ void fwd_kernel(const T* __restrict__ x, const T* __restrict__ means,
                            const T* __restrict__ prec, const T* __restrict__ a, T* __restrict__ out,
-                           int64_t Gx, int64_t N, int K, int D) {
-  const int64_t g = blockIdx.y;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+                           int64_t Gx, int64_t N, int K, int D, int64_t tiles) {
+  // 1-D grid over (mixture, tile of points): no 65535 limit on either.
+  const int64_t g = blockIdx.x / tiles;
+  const int64_t n = (blockIdx.x % tiles) * blockDim.x + threadIdx.x;
   if (n >= N) return;
   const T* xr = x + ((Gx == 1 ? 0 : g) * N + n) * D;
   const int64_t ps = COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
@@ -111,8 +112,8 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                            const T* __restrict__ means, const T* __restrict__ prec,
                            const T* __restrict__ a, const T* __restrict__ pi,
                            const T* __restrict__ logp, T* __restrict__ gx, T* __restrict__ gmu,
-                           T* __restrict__ gprec, T* __restrict__ glog, int64_t Gx, int64_t N,
-                           int K, int D) {
+                           T* __restrict__ gprec, T* __restrict__ glog, int64_t G, int64_t Gx,
+                           int64_t N, int K, int D, int64_t tiles) {
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int B = blockDim.x;
@@ -120,11 +121,11 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
   T* wy = xs + static_cast<int64_t>(B) * D;       // [B][D] (full only)
   T* ws = wy + (COV == kFull ? static_cast<int64_t>(B) * D : 0);  // [B]
   T* gsum = ws + B;                               // [1]
-  const int64_t g = blockIdx.y;
+  const int64_t g = blockIdx.x / tiles;
   const int tid = threadIdx.x;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * B + tid;
-  const bool atomic = gridDim.x > 1;
-  const bool shared_x = Gx == 1 && gridDim.y > 1;
+  const int64_t n = (blockIdx.x % tiles) * B + tid;
+  const bool atomic = tiles > 1;  // several blocks share this mixture's parameter gradients
+  const bool shared_x = Gx == 1 && G > 1;
   const int64_t ps = COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
 
   const bool live = n < N && isfinite(logp[g * N + n]);
@@ -298,28 +299,13 @@ __global__ void target_bwd_kernel(const T* __restrict__ grad, const T* __restric
   }
 }
 
-struct Prep {
-  at::Tensor x, means, prec, logits;
-  int cov;
-  int64_t G, Gx, N, K, D;
-};
+using Prep = Canonical;
 
 Prep prep(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec, int cov) {
   FGD_CHECK(x.is_cuda(), "the CUDA kernels got tensors on ", x.device());
-  const auto acc = acc_type(x);
-  Prep r;
-  r.cov = cov;
-  r.x = x.to(acc).contiguous();
-  r.means = means.to(acc).contiguous();
-  r.prec = cov == kFull ? prec.to(acc).triu().contiguous() : prec.to(acc).contiguous();
-  r.G = r.means.size(0);
-  r.K = r.means.size(1);
-  r.D = r.means.size(2);
-  r.Gx = r.x.size(0);
-  r.N = r.x.size(1);
-  FGD_CHECK(r.K < (int64_t{1} << 31) && r.D < (int64_t{1} << 16) && r.G < 65536,
-            "the CUDA kernels take K < 2^31, D < 65536 and G < 65536 (got K=", r.K, ", D=", r.D,
-            ", G=", r.G, "); use backend='torch'");
+  Prep r = canonical(x, means, prec, cov);
+  FGD_CHECK(r.K < (int64_t{1} << 31) && r.D < (int64_t{1} << 16),
+            "the CUDA kernels take K < 2^31 and D < 65536 (got K=", r.K, ", D=", r.D, "); use backend='torch'");
   return r;
 }
 
@@ -355,14 +341,15 @@ at::Tensor log_prob_cuda(const at::Tensor& x, const at::Tensor& means, const at:
   at::Tensor out = at::empty({r.G, r.N}, r.x.options());
   if (r.N == 0) return out;
   const int B = block_for(r.N);
-  const dim3 grid(static_cast<unsigned>((r.N + B - 1) / B), static_cast<unsigned>(r.G));
+  const int64_t tiles = (r.N + B - 1) / B;
+  const dim3 grid(static_cast<unsigned>(tiles * r.G));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_cuda", [&] {
     FGD_DISPATCH_COV(cov, [&] {
       fwd_kernel<scalar_t, COV><<<grid, B, 0, stream>>>(
           r.x.data_ptr<scalar_t>(), r.means.data_ptr<scalar_t>(), r.prec.data_ptr<scalar_t>(),
           a.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), r.Gx, r.N, static_cast<int>(r.K),
-          static_cast<int>(r.D));
+          static_cast<int>(r.D), tiles);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -389,7 +376,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cud
     const int B = block_for(r.N);
     const size_t elem = r.x.element_size();
     const size_t smem = elem * (static_cast<size_t>(B) * r.D * (cov == kFull ? 2 : 1) + B + 1);
-    const dim3 grid(static_cast<unsigned>((r.N + B - 1) / B), static_cast<unsigned>(r.G));
+    const int64_t tiles = (r.N + B - 1) / B;
+    const dim3 grid(static_cast<unsigned>(tiles * r.G));
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_backward_cuda", [&] {
       FGD_DISPATCH_COV(cov, [&] {
@@ -403,8 +391,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cud
             g.data_ptr<scalar_t>(), r.x.data_ptr<scalar_t>(), r.means.data_ptr<scalar_t>(),
             r.prec.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), pi.data_ptr<scalar_t>(),
             lp.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), gmu.data_ptr<scalar_t>(),
-            gprec.data_ptr<scalar_t>(), glog.data_ptr<scalar_t>(), r.Gx, r.N,
-            static_cast<int>(r.K), static_cast<int>(r.D));
+            gprec.data_ptr<scalar_t>(), glog.data_ptr<scalar_t>(), r.G, r.Gx, r.N,
+            static_cast<int>(r.K), static_cast<int>(r.D), tiles);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
