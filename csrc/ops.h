@@ -66,6 +66,13 @@ inline void check_target(const at::Tensor& target, int64_t G, int64_t N, const a
   FGD_CHECK(target.device() == x.device(), "target is on ", target.device(), ", x on ", x.device());
 }
 
+// The backward's upstream gradient and saved log p, both [G, N].
+inline void check_grad_logp(const at::Tensor& grad, const at::Tensor& logp, int64_t G, int64_t N) {
+  FGD_CHECK(grad.sizes() == at::IntArrayRef({G, N}) && logp.sizes() == grad.sizes(),
+            "grad and logp must be [", G, ", ", N, "], got ", grad.sizes(), " and ", logp.sizes());
+  FGD_CHECK(grad.device() == logp.device(), "grad and logp must be on one device");
+}
+
 inline at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

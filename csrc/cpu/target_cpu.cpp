@@ -100,8 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& target, const at::Tensor& logp, c10::string_view covariance_type) {
   TPrepared r = tprepare(x, means, prec, target, covariance_type);
-  FGD_CHECK(grad.sizes() == at::IntArrayRef({r.G, r.N}) && logp.sizes() == grad.sizes(),
-            "grad and logp must be [", r.G, ", ", r.N, "], got ", grad.sizes(), " and ", logp.sizes());
+  check_grad_logp(grad, logp, r.G, r.N);
   const auto acc = r.x.scalar_type();
   at::Tensor g = grad.to(acc).contiguous(), lp = logp.to(acc).contiguous();
   const bool shared = r.Gx == 1 && r.G > 1;

@@ -363,8 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cud
   check_layout(x, means, prec, logits, cov);
   const c10::cuda::CUDAGuard guard(x.device());
   Prep r = prep(x, means, prec, cov);
-  FGD_CHECK(grad.sizes() == at::IntArrayRef({r.G, r.N}) && logp.sizes() == grad.sizes(),
-            "grad and logp must be [", r.G, ", ", r.N, "], got ", grad.sizes(), " and ", logp.sizes());
+  check_grad_logp(grad, logp, r.G, r.N);
   const auto acc = r.x.scalar_type();
   at::Tensor lg = logits.to(acc).contiguous();
   at::Tensor a = component_const(r.prec, lg, cov, r.D);
@@ -435,8 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   Prep r = prep(x, means, prec, cov);
   check_target(target, r.G, r.N, x);
-  FGD_CHECK(grad.sizes() == at::IntArrayRef({r.G, r.N}) && logp.sizes() == grad.sizes(),
-            "grad and logp must be [", r.G, ", ", r.N, "], got ", grad.sizes(), " and ", logp.sizes());
+  check_grad_logp(grad, logp, r.G, r.N);
   const auto acc = r.x.scalar_type();
   at::Tensor t = target.contiguous(), g = grad.to(acc).contiguous(), lp = logp.to(acc).contiguous();
   at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
