@@ -5,7 +5,7 @@ import torch
 
 import fastgmmdiff as fg
 from fastgmmdiff import reference
-from fastgmmdiff.testing import RTOL_GRAD, RTOL_VALUE, random_problem, reference_log_prob, rel_err
+from fastgmmdiff.testing import RTOL_VALUE, grad_tolerances, random_problem, reference_log_prob, rel_err
 
 COVS = ["diag", "spherical", "full"]
 ARGS = ("x", "means", "prec_chol", "logits")
@@ -24,9 +24,12 @@ def _check_against_reference(p, cov, backend="torch", shape_out=None):
     assert out.dtype == p["x"].dtype
     assert rel_err(out, ref) <= RTOL_VALUE
     up = torch.randn_like(ref)
-    for name, a, b in zip(ARGS, _grads(out, p, up.to(out.dtype)), _grads(ref, p, up)):
+    g_ref = _grads(ref, p, up)
+    bounds = grad_tolerances(lambda *a, form: reference.gmm_log_prob(*a, cov, form=form),
+                             [p[k] for k in ARGS], up, g_ref)
+    for name, a, b, tol in zip(ARGS, _grads(out, p, up.to(out.dtype)), g_ref, bounds):
         assert a.shape == p[name].shape and a.dtype == p[name].dtype
-        assert rel_err(a, b) <= RTOL_GRAD, name
+        assert rel_err(a, b) <= tol, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -43,6 +46,23 @@ def test_matches_float64_reference(cov, dtype, G, x_batched, seed, backend):
 def test_odd_sizes(cov, N, K, D, seed, backend):
     p = random_problem(cov, None, N=N, K=K, D=D, seed=seed, requires_grad=True)
     _check_against_reference(p, cov, backend)
+
+
+def test_ill_conditioned_gradient_judged_against_plain_float32(backend):
+    """A problem from a CI run (seed 137054861): five points with log-densities near −600 whose
+    logits gradient cancels to ±0.0137.  float32 rounding of the log-density gaps puts every
+    float32 implementation near 1e-3 there (plain PyTorch included), so the bound is the
+    conditioning-aware one of testing.grad_tolerances — and it must still hold."""
+    p = random_problem("diag", None, N=5, K=2, D=59, seed=137054861, requires_grad=True)
+    ref = reference_log_prob(p, "diag")
+    up = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(137054861))
+    g_ref = _grads(ref, p, up)
+    bounds = grad_tolerances(lambda *a, form: reference.gmm_log_prob(*a, "diag", form=form),
+                             [p[k] for k in ARGS], up, g_ref)
+    assert bounds[3] > 1e-4  # the logits gradient is ill-conditioned in float32 here
+    out = fg.gmm_log_prob(*(p[k] for k in ARGS), "diag", backend=backend)
+    for name, a, b, tol in zip(ARGS, _grads(out, p, up.float()), g_ref, bounds):
+        assert rel_err(a, b) <= tol, name
 
 
 def test_reference_forms_agree(seed):
