@@ -36,12 +36,14 @@ def _op(qualname: str):
     return getattr(getattr(torch.ops, ns), name).default
 
 
-def _register(fwd_name, bwd_name, fake_fwd, fake_bwd, n_grads):
-    """Fakes for both ops, and fwd's autograd: save the tensor inputs and the output (log p);
-    backward calls ``bwd(grad, *tensor inputs, log p, covariance_type)``, which returns the
-    gradients of the first ``n_grads`` inputs."""
-    torch.library.register_fake(fwd_name)(fake_fwd)
-    torch.library.register_fake(bwd_name)(fake_bwd)
+def _register(fwd_name, bwd_name, fake_fwd, fake_bwd, n_grads, fakes=True):
+    """Fakes for both ops (unless ``fakes=False``: a ``triton_op`` derives its own), and fwd's
+    autograd: save the tensor inputs and the output (log p); backward calls
+    ``bwd(grad, *tensor inputs, log p, covariance_type)``, which returns the gradients of the
+    first ``n_grads`` inputs."""
+    if fakes:
+        torch.library.register_fake(fwd_name)(fake_fwd)
+        torch.library.register_fake(bwd_name)(fake_bwd)
     bwd = _op(bwd_name)
 
     def setup_context(ctx, inputs, output):
@@ -57,9 +59,9 @@ def _register(fwd_name, bwd_name, fake_fwd, fake_bwd, n_grads):
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
-def register_log_prob_op(fwd_name: str, bwd_name: str) -> None:
+def register_log_prob_op(fwd_name: str, bwd_name: str, fakes: bool = True) -> None:
     """Register fakes for the ops ``fwd_name``/``bwd_name`` ("ns::name") and fwd's autograd."""
-    _register(fwd_name, bwd_name, _fake_fwd, _fake_bwd, 4)
+    _register(fwd_name, bwd_name, _fake_fwd, _fake_bwd, 4, fakes)
 
 
 # --- one component per point (NGMG with target) ----------------------------------------------

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import os
+
 import torch
 
 
@@ -113,3 +115,36 @@ register(Backend("cpu", ("cpu",), lambda: _probe_compiled(False), _compiled("log
                  _compiled("log_prob_target"), _BUILD_HINT))
 register(Backend("cuda", ("cuda",), lambda: _probe_compiled(True), _compiled("log_prob"),
                  _compiled("log_prob_target"), _BUILD_HINT))
+
+
+# --- Triton (kernels/, installed as fastgmmdiff.kernels) ---------------------------------------
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _probe_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    if not (torch.cuda.is_available() or _triton_interpreted()):
+        return "no CUDA device is available to torch (TRITON_INTERPRET=1 runs the kernels on the CPU, for tests)"
+    try:
+        from .kernels import gmm  # noqa: F401  (registers the ops)
+    except Exception as e:  # a broken Triton install must not break the package
+        return f"the Triton kernels failed to load ({type(e).__name__}: {e})"
+    return None
+
+
+def _triton_op():
+    from .kernels import gmm  # noqa: F401
+
+    return torch.ops.fastgmmdiff.log_prob_triton
+
+
+# Under Triton's CPU interpreter (TRITON_INTERPRET=1, a test mode) the backend also takes CPU
+# tensors when asked for by name; "auto" never picks it for CPU tensors.
+register(Backend("triton", ("cuda", "cpu") if _triton_interpreted() else ("cuda",), _probe_triton,
+                 _triton_op, lambda: _torch_ops_loaded().log_prob_target_torch,
+                 "pip install triton (a CUDA build of torch and an NVIDIA GPU)"))

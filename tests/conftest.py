@@ -8,6 +8,11 @@ import zlib
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels run under Triton's CPU interpreter; it must be switched on
+# before anything imports triton (tests/test_triton.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SESSION_SEED = int(os.environ.get("FASTGMMDIFF_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 

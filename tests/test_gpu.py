@@ -1,5 +1,5 @@
 """CUDA tests (run by bench/gpu_check.sh on a GPU machine; skipped at run time elsewhere):
-the "cuda" and "torch" backends on CUDA tensors against the float64 reference, dead rows,
+the "cuda", "triton" and "torch" backends on CUDA tensors against the float64 reference, dead rows,
 targets, determinism of the one-block backward, CUDA-graph capture and torch.compile."""
 
 import pytest
@@ -13,7 +13,7 @@ COVS = ["diag", "spherical", "full"]
 ARGS = ("x", "means", "prec_chol", "logits")
 
 
-@pytest.fixture(params=["cuda", "torch"])
+@pytest.fixture(params=["cuda", "triton", "torch"])
 def gpu_backend(request):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

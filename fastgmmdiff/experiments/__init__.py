@@ -1,0 +1,1 @@
+"""Experiments run with the reference trainer (``python -m fastgmmdiff.experiments.<name>``)."""

@@ -1,0 +1,580 @@
+"""Triton kernels for the Gaussian-mixture log-density, forward and backward (backend "triton").
+
+Math (SPEC §1), on the canonical layout of ``fastgmmdiff._checks`` (x ``[Gx, N, D]`` with
+Gx ∈ {1, G}; means ``[G, K, D]``; prec_chol diag ``[G, K, D]`` / spherical ``[G, K]`` / full
+``[G, K, D, D]`` upper triangular; logits ``[G, K]``):
+
+    ℓ_nk = a_k − ½ q_nk,  q_nk = ‖U_kᵀ(x_n − μ_k)‖²,  a_k = log π_k + log|U_k| − D/2 log 2π
+    log p_n = logsumexp_k ℓ_nk
+
+a_k (G·K numbers) is computed on the device with torch ops before the launch; everything of
+size N·K stays inside the kernels.
+
+Tiling — the structure of a FlashAttention forward without the V product:
+
+* forward: one program per (tile of BLOCK_N points, mixture g).  It loops over tiles of BLOCK_K
+  components; for each it forms q for the [BLOCK_N, BLOCK_K] tile — diag/spherical as
+  element-wise FMA over [BLOCK_N, BLOCK_K, BLOCK_D] chunks of z = x − μ (z formed before any
+  product: no ‖x‖² − 2x·μ + ‖μ‖² expansion), full as ``tl.dot`` of the z tile with U_k (one
+  component at a time, IEEE fp32 — no TF32) — and folds it into an online logsumexp in the
+  exp2/log2 domain (log2 e folded into the constants).  Only log p ``[G, N]`` is written.
+* backward, from the saved log p: r_nk = exp(ℓ_nk − log p_n), w_nk = g_n r_nk, and
+
+      ∂x_n = −Σ_k w_nk Λ_k z_nk        ∂μ_k = Σ_n w_nk Λ_k z_nk       ∂logits_k = W_k − π_k Σ_n g_n
+      diag ∂s_kd = W_k/s_kd − s_kd Σ_n w_nk z²_nkd       sph. ∂s_k = D W_k/s_k − s_k Σ_n w_nk ‖z_nk‖²
+      full ∂U_k = triu(diag(W_k/U_k,dd) − Σ_n w_nk z_nk y_nkᵀ),  y = U_kᵀ z,  W_k = Σ_n w_nk
+
+  Kernel 1 (grid: point tiles × G) recomputes ℓ and writes ∂x.  Kernel 2 (grid: component
+  tiles × point splits × G) recomputes ℓ and writes, per split, the partial sums W, Σ w z,
+  Σ w z² (Σ w z yᵀ for full); torch sums the splits in a fixed order.  No atomics: two runs
+  are bit-identical.  The split count is chosen so that there are enough programs to fill a
+  GPU and the partial buffers stay under 64 MiB.
+
+−inf rows (every ℓ = −inf) get log p = −inf and zero gradients; inside a live row a component
+with r = 0 has w = 0 and is never multiplied with an infinite distance.
+
+Block shapes (``_blocks``): a fixed table, no autotuning at first call (cold start matters).
+Its origin: sized for register pressure (the 3-D diag tile BLOCK_N·BLOCK_K·BLOCK_D ≤ 8192
+fp32 values over 4 warps; the full-covariance tile keeps z, y and one U_k for D ≤ 128);
+**not yet tuned by measurement on a GPU** — bench/gpu_check.sh is where that happens.
+
+Full covariance runs here for D ≤ 128 (one register tile of the dimension); larger D uses the
+"torch" backend's chunked implementation inside the same op.
+
+Tests run these kernels on the CPU under ``TRITON_INTERPRET=1`` (tests/test_triton.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+LOG_2PI = math.log(2.0 * math.pi)
+FULL_MAX_D = 128
+_PARTIAL_BYTES = 64 << 20  # cap on the backward's per-split partial sums
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --- kernels: diag and spherical ---------------------------------------------------------------
+
+@triton.jit
+def _q_tile(x_row, mu_ptr, s_ptr, offs_n, mask_n, offs_k, mask_k, D, sxn, smk, ssk,
+            SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """q [BLOCK_N, BLOCK_K] = Σ_d ((x_nd − μ_kd) s_kd)² over chunks of BLOCK_D dimensions."""
+    q = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    if SPHERICAL:
+        s = tl.load(s_ptr + offs_k * ssk, mask=mask_k, other=0.0).to(ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
+                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
+        mkd = mask_k[:, None] & mask_d[None, :]
+        mu = tl.load(mu_ptr + offs_k[:, None] * smk + offs_d[None, :], mask=mkd, other=0.0).to(ACC)
+        z = xt[:, None, :] - mu[None, :, :]
+        if SPHERICAL:
+            q += tl.sum(z * z, axis=2)
+        else:
+            sd = tl.load(s_ptr + offs_k[:, None] * smk + offs_d[None, :], mask=mkd, other=0.0).to(ACC)
+            y = z * sd[None, :, :]
+            q += tl.sum(y * y, axis=2)
+    if SPHERICAL:
+        q = q * (s * s)[None, :]
+    return q
+
+
+@triton.jit
+def _fwd_diag_kernel(x_ptr, mu_ptr, s_ptr, a_ptr, out_ptr, N, K, D,
+                     sxg, sxn, smg, smk, ssg, ssk, sag, sog,
+                     SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + g * sxg
+    m = tl.full((BLOCK_N,), float("-inf"), ACC)
+    l = tl.zeros((BLOCK_N,), ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        q = _q_tile(x_row, mu_ptr + g * smg, s_ptr + g * ssg, offs_n, mask_n, offs_k, mask_k, D,
+                    sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
+        a = tl.load(a_ptr + g * sag + offs_k, mask=mask_k, other=float("-inf")).to(ACC)
+        l2 = a[None, :] * LOG2E - (0.5 * LOG2E) * q
+        l2 = tl.where(mask_k[None, :], l2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(l2, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(l2 - m_safe[:, None]), axis=1)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    logp = (m_safe + tl.log2(l)) * LN2
+    tl.store(out_ptr + g * sog + offs_n, logp, mask=mask_n)
+
+
+@triton.jit
+def _w_tile(x_row, mu_ptr, s_ptr, a_ptr, offs_n, mask_n, offs_k, mask_k, gw, lp2, D, sxn, smk, ssk,
+            SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """w [BLOCK_N, BLOCK_K] = g_n exp(ℓ_nk − log p_n), 0 outside the masks and for dead rows."""
+    q = _q_tile(x_row, mu_ptr, s_ptr, offs_n, mask_n, offs_k, mask_k, D, sxn, smk, ssk,
+                SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
+    a = tl.load(a_ptr + offs_k, mask=mask_k, other=float("-inf")).to(ACC)
+    l2 = a[None, :] * LOG2E - (0.5 * LOG2E) * q
+    w = gw[:, None] * tl.exp2(l2 - lp2[:, None])
+    return tl.where(mask_k[None, :] & (gw != 0)[:, None] & (l2 > float("-inf")), w, 0.0)
+
+
+@triton.jit
+def _bwd_x_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_ptr, N, K, D,
+                       sxg, sxn, smg, smk, ssg, ssk, sag, sog, sdg, sdn,
+                       SPHERICAL: tl.constexpr, ONE_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """∂x for a tile of points of mixture g (dx_ptr: [G, N, D] in ACC, rows owned here; zero-
+    initialised when several D chunks accumulate in place)."""
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + g * sxg
+    mu_g = mu_ptr + g * smg
+    s_g = s_ptr + g * ssg
+    lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
+    live = mask_n & (lp > float("-inf"))
+    gw = tl.where(live, tl.load(g_ptr + g * sog + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
+    lp2 = tl.where(live, lp * LOG2E, 0.0)
+    dx_row = dx_ptr + g * sdg + offs_n[:, None].to(tl.int64) * sdn
+    acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp2, D,
+                    sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
+        if SPHERICAL:
+            s = tl.load(s_g + offs_k * ssk, mask=mask_k, other=0.0).to(ACC)
+            w = w * (s * s)[None, :]
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
+            mkd = mask_k[:, None] & mask_d[None, :]
+            mu = tl.load(mu_g + offs_k[:, None] * smk + offs_d[None, :], mask=mkd, other=0.0).to(ACC)
+            z = xt[:, None, :] - mu[None, :, :]
+            t = w[:, :, None] * tl.where((w != 0)[:, :, None], z, 0.0)  # r = 0 never meets z = inf
+            if not SPHERICAL:
+                sd = tl.load(s_g + offs_k[:, None] * smk + offs_d[None, :], mask=mkd, other=0.0).to(ACC)
+                t = t * (sd * sd)[None, :, :]
+            part = -tl.sum(t, axis=1)
+            if ONE_D:
+                acc += part
+            else:
+                msk = mask_n[:, None] & mask_d[None, :]
+                ptrs = dx_row + offs_d[None, :]
+                tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+    if ONE_D:
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.store(dx_row + offs_d[None, :], acc, mask=mask_n[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _bwd_param_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, pz_ptr, pzz_ptr, pw_ptr,
+                           N, K, D, n_per_split, sxg, sxn, smg, smk, ssg, ssk, sag, sog,
+                           SPHERICAL: tl.constexpr, ONE_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Partial sums over one split of the points, for a tile of components of mixture g:
+    pw = Σ w [S, G, K], pz = Σ w z [S, G, K, D], pzz = Σ w z² [S, G, K, D] (spherical: Σ w ‖z‖²
+    [S, G, K]).  Contiguous, zero-initialised buffers (several D chunks accumulate in place)."""
+    pid_k = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    g = tl.program_id(2).to(tl.int64)
+    G = tl.num_programs(2)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    x_row = x_ptr + g * sxg
+    mu_g = mu_ptr + g * smg
+    s_g = s_ptr + g * ssg
+    n_lo = split * n_per_split
+    n_hi = tl.minimum(n_lo + n_per_split, N)
+    row = (split * G + g) * K + offs_k            # [BLOCK_K] rows of the partial buffers
+    wsum = tl.zeros((BLOCK_K,), ACC)
+    zz_sph = tl.zeros((BLOCK_K,), ACC)
+    acc_z = tl.zeros((BLOCK_K, BLOCK_D), ACC)
+    acc_zz = tl.zeros((BLOCK_K, BLOCK_D), ACC)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_hi
+        lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
+        live = mask_n & (lp > float("-inf"))
+        gw = tl.where(live, tl.load(g_ptr + g * sog + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
+        lp2 = tl.where(live, lp * LOG2E, 0.0)
+        w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp2, D,
+                    sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
+        wsum += tl.sum(w, axis=0)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
+            mkd = mask_k[:, None] & mask_d[None, :]
+            mu = tl.load(mu_g + offs_k[:, None] * smk + offs_d[None, :], mask=mkd, other=0.0).to(ACC)
+            z = tl.where((w != 0)[:, :, None], xt[:, None, :] - mu[None, :, :], 0.0)
+            wz = w[:, :, None] * z
+            pz = tl.sum(wz, axis=0)
+            pzz = tl.sum(wz * z, axis=0)
+            if SPHERICAL:
+                zz_sph += tl.sum(pzz, axis=1)
+            if ONE_D:
+                acc_z += pz
+                if not SPHERICAL:
+                    acc_zz += pzz
+            else:
+                ptr = row[:, None] * D + offs_d[None, :]
+                tl.store(pz_ptr + ptr, tl.load(pz_ptr + ptr, mask=mkd, other=0.0) + pz, mask=mkd)
+                if not SPHERICAL:
+                    tl.store(pzz_ptr + ptr, tl.load(pzz_ptr + ptr, mask=mkd, other=0.0) + pzz, mask=mkd)
+    tl.store(pw_ptr + row, wsum, mask=mask_k)
+    if SPHERICAL:
+        tl.store(pzz_ptr + row, zz_sph, mask=mask_k)
+    if ONE_D:
+        offs_d = tl.arange(0, BLOCK_D)
+        mkd = mask_k[:, None] & (offs_d < D)[None, :]
+        ptr = row[:, None] * D + offs_d[None, :]
+        tl.store(pz_ptr + ptr, acc_z, mask=mkd)
+        if not SPHERICAL:
+            tl.store(pzz_ptr + ptr, acc_zz, mask=mkd)
+
+
+# --- kernels: full covariance (D ≤ 128, one register tile of the dimension) ---------------------
+
+@triton.jit
+def _full_y(x_row, mu_k, u_k, offs_n, mask_n, D, sxn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            ACC: tl.constexpr):
+    """z = x − μ_k [BLOCK_N, BLOCK_D] and y = z U_k (upper triangle of U_k only)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
+                 mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
+    mu = tl.load(mu_k + offs_d, mask=mask_d, other=0.0).to(ACC)
+    z = tl.where(mask_d[None, :], xt - mu[None, :], 0.0)
+    ii = offs_d[:, None]
+    jj = offs_d[None, :]
+    u = tl.load(u_k + ii * D + jj, mask=(ii <= jj) & (ii < D) & (jj < D), other=0.0).to(ACC)
+    y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
+    return z, y, u
+
+
+@triton.jit
+def _full_q(z, y):
+    """q = ‖y‖²; +inf for a point with an infinite coordinate (inf · 0 in z U would be NaN)."""
+    q = tl.sum(y * y, axis=1)
+    inf_row = tl.max(tl.where(tl.abs(z) == float("inf"), 1, 0), axis=1) > 0
+    return tl.where(inf_row, float("inf"), q)
+
+
+@triton.jit
+def _fwd_full_kernel(x_ptr, mu_ptr, u_ptr, a_ptr, out_ptr, N, K, D,
+                     sxg, sxn, smg, smk, sug, suk, sag, sog,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + g * sxg
+    m = tl.full((BLOCK_N,), float("-inf"), ACC)
+    l = tl.zeros((BLOCK_N,), ACC)
+    for k in range(0, K):
+        z, y, u = _full_y(x_row, mu_ptr + g * smg + k * smk, u_ptr + g * sug + k * suk, offs_n, mask_n,
+                          D, sxn, BLOCK_N, BLOCK_D, ACC)
+        q = _full_q(z, y)
+        a = tl.load(a_ptr + g * sag + k).to(ACC)
+        l2 = a * LOG2E - (0.5 * LOG2E) * q
+        m_new = tl.maximum(m, l2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.exp2(l2 - m_safe)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(out_ptr + g * sog + offs_n, (m_safe + tl.log2(l)) * LN2, mask=mask_n)
+
+
+@triton.jit
+def _bwd_x_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_ptr, N, K, D,
+                       sxg, sxn, smg, smk, sug, suk, sag, sog, sdg, sdn,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """∂x_n = −Σ_k w_nk U_k y_nk."""
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + g * sxg
+    lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
+    live = mask_n & (lp > float("-inf"))
+    gw = tl.where(live, tl.load(g_ptr + g * sog + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
+    lp2 = tl.where(live, lp * LOG2E, 0.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    for k in range(0, K):
+        z, y, u = _full_y(x_row, mu_ptr + g * smg + k * smk, u_ptr + g * sug + k * suk, offs_n, mask_n,
+                          D, sxn, BLOCK_N, BLOCK_D, ACC)
+        q = _full_q(z, y)
+        a = tl.load(a_ptr + g * sag + k).to(ACC)
+        l2 = a * LOG2E - (0.5 * LOG2E) * q
+        w = tl.where((gw != 0) & (l2 > float("-inf")), gw * tl.exp2(l2 - lp2), 0.0)
+        wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
+        acc -= tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(dx_ptr + g * sdg + offs_n[:, None].to(tl.int64) * sdn + offs_d[None, :], acc,
+             mask=mask_n[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _bwd_param_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, py_ptr, pzy_ptr, pw_ptr,
+                           N, K, D, n_per_split,
+                           sxg, sxn, smg, smk, sug, suk, sag, sog,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """For component k of mixture g over one split of points: pw = Σ w, py = Σ w y (∂μ = U py),
+    pzy = Σ w z yᵀ.  Buffers [S, G, K, D] / [S, G, K, D, D] / [S, G, K], contiguous."""
+    k = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    g = tl.program_id(2).to(tl.int64)
+    G = tl.num_programs(2)
+    x_row = x_ptr + g * sxg
+    mu_k = mu_ptr + g * smg + k * smk
+    u_k = u_ptr + g * sug + k * suk
+    a = tl.load(a_ptr + g * sag + k).to(ACC)
+    n_lo = split * n_per_split
+    n_hi = tl.minimum(n_lo + n_per_split, N)
+    wsum = tl.zeros((BLOCK_N,), ACC)
+    acc_y = tl.zeros((BLOCK_D,), ACC)
+    acc_zy = tl.zeros((BLOCK_D, BLOCK_D), ACC)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_hi
+        lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
+        live = mask_n & (lp > float("-inf"))
+        gw = tl.where(live, tl.load(g_ptr + g * sog + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
+        lp2 = tl.where(live, lp * LOG2E, 0.0)
+        z, y, u = _full_y(x_row, mu_k, u_k, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_D, ACC)
+        q = _full_q(z, y)
+        l2 = a * LOG2E - (0.5 * LOG2E) * q
+        w = tl.where((gw != 0) & (l2 > float("-inf")), gw * tl.exp2(l2 - lp2), 0.0)
+        wsum += w
+        wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
+        zm = tl.where((w != 0)[:, None], z, 0.0)
+        acc_y += tl.sum(wy, axis=0)
+        acc_zy += tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    row = (split * G + g) * K + k
+    tl.store(pw_ptr + row, tl.sum(wsum, axis=0))
+    tl.store(py_ptr + row * D + offs_d, acc_y, mask=mask_d)
+    tl.store(pzy_ptr + row * D * D + offs_d[:, None] * D + offs_d[None, :], acc_zy,
+             mask=mask_d[:, None] & mask_d[None, :])
+
+
+# --- host side: launchers -------------------------------------------------------------------
+
+class _Interpreted:
+    """A launch under the CPU interpreter: like ``wrap_triton`` it does nothing on fake tensors
+    (fake-tensor tracing of the host code derives the op's meta implementation)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            from torch._subclasses.fake_tensor import is_fake
+
+            if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+                return None
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
+def _launch(kernel):
+    """``torch.library.wrap_triton`` so torch.compile sees the launch; under the CPU
+    interpreter (CPU tensors, which wrap_triton does not take) a plain launch."""
+    if interpreted():
+        return _Interpreted(kernel)
+    return torch.library.wrap_triton(kernel)
+
+
+def _acc(dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _blocks(cov: str, D: int) -> dict:
+    """Block shapes per covariance type and D (see the module docstring for their origin)."""
+    if cov == "full":
+        bd = max(16, _pow2(D))
+        return dict(BLOCK_N=32, BLOCK_D=bd, num_warps=8 if bd >= 64 else 4)
+    bd = min(16, _pow2(D))
+    return dict(BLOCK_N=32, BLOCK_K=16, BLOCK_D=bd, num_warps=4)
+
+
+def _constants(means, prec, logits, cov, acc_dtype):
+    """a_k = log π_k + log|U_k| − D/2 log 2π, [G, K] in the accumulation dtype."""
+    D = means.shape[-1]
+    p = prec.to(acc_dtype)
+    if cov == "diag":
+        ld = p.log().sum(-1)
+    elif cov == "spherical":
+        ld = D * p.log()
+    else:
+        ld = torch.diagonal(p, dim1=-2, dim2=-1).log().sum(-1)
+    return (torch.log_softmax(logits.to(acc_dtype), -1) + ld - 0.5 * D * LOG_2PI).contiguous()
+
+
+def _strides(x, means, prec, cov, G):
+    Gx, N, D = x.shape
+    K = means.shape[1]
+    sxg = N * D if (Gx == G and G > 1) else 0
+    if cov == "full":
+        return sxg, D, K * D, D, K * D * D, D * D
+    if cov == "spherical":
+        return sxg, D, K * D, D, K, 1
+    return sxg, D, K * D, D, K * D, D
+
+
+def log_prob_fwd(x, means, prec, logits, cov):
+    """log p ``[G, N]`` in the accumulation dtype (canonical layout)."""
+    G, K, D = means.shape
+    N = x.shape[1]
+    acc_tl, acc = _acc(x.dtype)
+    x, means, prec = x.contiguous(), means.contiguous(), prec.contiguous()
+    a = _constants(means, prec, logits, cov, acc)
+    out = torch.empty(G, N, dtype=acc, device=x.device)
+    if N == 0 or G == 0:
+        return out
+    if K == 0:
+        return out.fill_(float("-inf"))
+    sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
+    b = _blocks(cov, D)
+    grid = (triton.cdiv(N, b["BLOCK_N"]), G)
+    if cov == "full":
+        _launch(_fwd_full_kernel)[grid](x, means, prec, a, out, N, K, D, sxg, sxn, smg, smk, spg, spk, K, N,
+                                        BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], ACC=acc_tl,
+                                        num_warps=b["num_warps"])
+    else:
+        _launch(_fwd_diag_kernel)[grid](x, means, prec, a, out, N, K, D, sxg, sxn, smg, smk, spg, spk, K, N,
+                                        SPHERICAL=cov == "spherical", BLOCK_N=b["BLOCK_N"],
+                                        BLOCK_K=b["BLOCK_K"], BLOCK_D=b["BLOCK_D"], ACC=acc_tl,
+                                        num_warps=b["num_warps"])
+    return out
+
+
+def _splits(N, K, D, G, cov, block_n, block_k):
+    """How many point splits the parameter-gradient kernel uses (see module docstring)."""
+    if interpreted():
+        return 1
+    k_tiles = K if cov == "full" else triton.cdiv(K, block_k)
+    want = max(1, triton.cdiv(1024, max(1, k_tiles * G)))
+    per = G * K * (D * D + D + 1 if cov == "full" else 2 * D + 1) * 4
+    return max(1, min(want, triton.cdiv(N, block_n), _PARTIAL_BYTES // max(per, 1)))
+
+
+def log_prob_bwd(grad, x, means, prec, logits, logp, cov):
+    """Gradients (x, means, prec_chol, logits) of Σ grad·log p, each in its input's dtype."""
+    from fastgmmdiff._torch_ops import finish_prec_grad
+
+    in_dtypes = [t.dtype for t in (x, means, prec, logits)]
+    G, K, D = means.shape
+    Gx, N, _ = x.shape
+    acc_tl, acc = _acc(x.dtype)
+    x, means, prec = x.contiguous(), means.contiguous(), prec.contiguous()
+    p = prec.to(acc).triu() if cov == "full" else prec.to(acc)
+    a = _constants(means, prec, logits, cov, acc)
+    live = torch.isfinite(logp)
+    g = torch.where(live, grad.to(acc), 0.0).contiguous()
+    lp = logp.to(acc).contiguous()
+    b = _blocks(cov, D)
+    BN, BD = b["BLOCK_N"], b["BLOCK_D"]
+    one_d = D <= BD
+    dx = (torch.empty if one_d or cov == "full" else torch.zeros)(G, N, D, dtype=acc, device=x.device)
+    S = _splits(N, K, D, G, cov, BN, b.get("BLOCK_K", 1))
+    n_per = triton.cdiv(triton.cdiv(max(N, 1), S), BN) * BN
+    pw = torch.zeros(S, G, K, dtype=acc, device=x.device)
+    sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
+    if N > 0 and K > 0 and G > 0:
+        grid_x = (triton.cdiv(N, BN), G)
+        if cov == "full":
+            py = torch.zeros(S, G, K, D, dtype=acc, device=x.device)
+            pzy = torch.zeros(S, G, K, D, D, dtype=acc, device=x.device)
+            kw = dict(BLOCK_N=BN, BLOCK_D=BD, ACC=acc_tl, num_warps=b["num_warps"])
+            _launch(_bwd_x_full_kernel)[grid_x](g, lp, x, means, prec, a, dx, N, K, D, sxg, sxn, smg, smk,
+                                                spg, spk, K, N, N * D, D, **kw)
+            _launch(_bwd_param_full_kernel)[(K, S, G)](g, lp, x, means, prec, a, py, pzy, pw, N, K, D, n_per,
+                                                       sxg, sxn, smg, smk, spg, spk, K, N, **kw)
+            W, Y, Szy = pw.sum(0), py.sum(0), pzy.sum(0)
+            gmu = torch.einsum("gkde,gke->gkd", p, Y)
+            gprec = finish_prec_grad(p, W, Szy, cov, D)
+        else:
+            sph = cov == "spherical"
+            pz = torch.zeros(S, G, K, D, dtype=acc, device=x.device)
+            pzz = torch.zeros((S, G, K) if sph else (S, G, K, D), dtype=acc, device=x.device)
+            kw = dict(SPHERICAL=sph, ONE_D=one_d, BLOCK_N=BN, BLOCK_K=b["BLOCK_K"], BLOCK_D=BD, ACC=acc_tl,
+                      num_warps=b["num_warps"])
+            _launch(_bwd_x_diag_kernel)[grid_x](g, lp, x, means, prec, a, dx, N, K, D, sxg, sxn, smg, smk,
+                                                spg, spk, K, N, N * D, D, **kw)
+            grid_p = (triton.cdiv(K, b["BLOCK_K"]), S, G)
+            _launch(_bwd_param_diag_kernel)[grid_p](g, lp, x, means, prec, a, pz, pzz, pw, N, K, D, n_per,
+                                                    sxg, sxn, smg, smk, spg, spk, K, N, **kw)
+            W, Sz, Szz = pw.sum(0), pz.sum(0), pzz.sum(0)
+            s2 = p * p
+            gmu = (s2 if not sph else s2[..., None]) * Sz
+            gprec = finish_prec_grad(p, W, Szz, cov, D)
+    else:
+        dx.zero_()
+        W = torch.zeros(G, K, dtype=acc, device=x.device)
+        gmu = torch.zeros(G, K, D, dtype=acc, device=x.device)
+        gprec = torch.zeros_like(p)
+    gx = dx.sum(0, keepdim=True) if (Gx == 1 and G > 1) else dx
+    glog = W - torch.softmax(logits.to(acc), -1) * g.sum(-1, keepdim=True)
+    return tuple(t.to(d) for t, d in zip((gx, gmu, gprec, glog), in_dtypes))
+
+
+def full_supported(D: int) -> bool:
+    return D <= FULL_MAX_D
+
+
+# --- op registration and autograd -------------------------------------------------------------
+
+from torch import Tensor  # noqa: E402
+
+from fastgmmdiff import _torch_ops  # noqa: E402
+from fastgmmdiff._autograd import register_log_prob_op  # noqa: E402
+
+
+@torch.library.triton_op("fastgmmdiff::log_prob_triton", mutates_args=())
+def log_prob_triton(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
+                    covariance_type: str) -> Tensor:
+    if covariance_type == "full" and not full_supported(means.shape[-1]):
+        return _torch_ops.log_prob_fwd(x, means, prec_chol, logits, covariance_type)
+    return log_prob_fwd(x, means, prec_chol, logits, covariance_type)
+
+
+@torch.library.triton_op("fastgmmdiff::log_prob_triton_backward", mutates_args=())
+def log_prob_triton_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
+                             logp: Tensor, covariance_type: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if covariance_type == "full" and not full_supported(means.shape[-1]):
+        return _torch_ops.log_prob_bwd(grad, x, means, prec_chol, logits, logp, covariance_type)
+    return log_prob_bwd(grad, x, means, prec_chol, logits, logp, covariance_type)
+
+
+# triton_op derives the fake (meta) implementations by tracing the host code; only autograd is
+# registered here.
+register_log_prob_op("fastgmmdiff::log_prob_triton", "fastgmmdiff::log_prob_triton_backward", fakes=False)

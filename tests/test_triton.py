@@ -1,0 +1,145 @@
+"""The Triton backend against the float64 reference.  Without a GPU the kernels run under
+Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before anything imports
+triton), on small sizes: every covariance type, odd sizes (N, K, D not multiples of the
+blocks; D past one block), G batching with per-mixture and shared x, −inf rows, float64 and
+half inputs, NGMG with and without target, determinism, opcheck and torch.compile."""
+
+import os
+
+import pytest
+import torch
+
+import fastgmmdiff as fg
+from fastgmmdiff import _dispatch, reference
+from fastgmmdiff.testing import RTOL_VALUE, grad_tolerances, random_problem, rel_err
+
+COVS = ["diag", "spherical", "full"]
+# numpy's warnings from inside the interpreter (inf arithmetic of the dead-row cases)
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+ARGS = ("x", "means", "prec_chol", "logits")
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _need_triton():
+    reason = _dispatch.unavailable_reason("triton")
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+    if _device() == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and not under TRITON_INTERPRET=1")
+
+
+def _check(p, cov, op="log_prob", target=None, normalize=True):
+    args = [p[k] for k in ARGS]
+    if op == "log_prob":
+        out = fg.gmm_log_prob(*args, cov, backend="triton")
+        fn = lambda *a, form: reference.gmm_log_prob(*a, cov, form=form)  # noqa: E731
+    else:
+        out = fg.ngmg_loss(*args, cov, target=target, normalize=normalize, reduction="none", backend="triton")
+        fn = lambda *a, form: reference.ngmg_loss(*a, cov, target=target, normalize=normalize,  # noqa: E731
+                                                  reduction="none", form=form)
+    a64 = [t.detach().double().requires_grad_() for t in args]
+    ref = fn(*a64, form="broadcast")
+    assert out.shape == ref.shape and out.dtype == args[0].dtype
+    assert rel_err(out, ref) <= RTOL_VALUE
+    up = torch.randn(ref.shape, dtype=torch.float64, device=ref.device)
+    ga = torch.autograd.grad(out, args, up.to(out.dtype), allow_unused=True)
+    gb = torch.autograd.grad(ref, a64, up, allow_unused=True)
+    for name, a, b, tol in zip(ARGS, ga, gb, grad_tolerances(fn, args, up, gb)):
+        if b is None:
+            assert a is None or torch.all(a == 0), name
+            continue
+        assert a.shape == b.shape and a.dtype == p[name].dtype, name
+        assert rel_err(a, b) <= tol, name
+    return out
+
+
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("G,N,K,D,x_batched", [
+    (None, 1, 1, 1, True), (None, 37, 5, 6, True), (None, 33, 17, 19, True),   # D > BLOCK_D
+    (3, 29, 4, 5, True), (3, 29, 4, 5, False), (2, 65, 33, 3, True)])
+def test_log_prob_matches_reference(cov, G, N, K, D, x_batched, seed):
+    p = random_problem(cov, G, N=N, K=K, D=D, seed=seed, device=_device(), x_batched=x_batched,
+                       requires_grad=True)
+    _check(p, cov)
+
+
+@pytest.mark.parametrize("cov", COVS)
+def test_float64_inputs(cov, seed):
+    p = random_problem(cov, 2, N=21, K=3, D=7, dtype=torch.float64, seed=seed, device=_device(),
+                       requires_grad=True)
+    _check(p, cov)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_full_past_one_tile_and_large_d(cov, seed):
+    """D = 40 (not a power of two) and, for full, D = 130 > 128 (torch fallback inside the op)."""
+    for D in (40,) + ((130,) if cov == "full" else ()):
+        p = random_problem(cov, None, N=17, K=2, D=D, seed=seed, device=_device(), requires_grad=True)
+        _check(p, cov)
+
+
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("use_target", [False, True])
+def test_ngmg(cov, use_target, seed):
+    p = random_problem(cov, 2, N=25, K=4, D=5, seed=seed, device=_device(), requires_grad=True)
+    target = torch.randint(0, 4, (2, 25), device=_device()) if use_target else None
+    out = _check(p, cov, op="ngmg", target=target)
+    assert torch.all(out <= 0) and torch.all(out >= -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_read_as_such(dtype, seed):
+    """Half inputs go into the kernels as half (no host upcast) with float32 math: judged like
+    the other backends, at most 2× plain PyTorch's error at that dtype."""
+    p = random_problem("diag", None, N=40, K=4, D=8, dtype=dtype, seed=seed, device=_device())
+    args = [p[k] for k in ARGS]
+    out = fg.gmm_log_prob(*args, "diag", backend="triton")
+    assert out.dtype == dtype
+    ref = reference.gmm_log_prob(*(a.double() for a in args), "diag")
+    plain = reference.gmm_log_prob(*args, "diag")
+    assert rel_err(out, ref) <= 2 * max(rel_err(plain, ref), rel_err(ref.to(dtype), ref))
+
+
+@pytest.mark.parametrize("cov", COVS)
+def test_dead_rows_and_empty(cov, seed):
+    p = random_problem(cov, None, N=10, K=3, D=4, seed=seed, device=_device())
+    x = p["x"].clone()
+    x[3, 1] = float("inf")
+    x[7] = 1e30  # distance overflows for every component
+    x.requires_grad_()
+    out = fg.gmm_log_prob(x, p["means"], p["prec_chol"], p["logits"], cov, backend="triton")
+    assert out[3] == -float("inf") and out[7] == -float("inf")
+    assert torch.isfinite(out[[0, 1, 2, 4, 5, 6, 8, 9]]).all()
+    g, = torch.autograd.grad(out.clamp(min=-1e30).sum(), x)
+    assert torch.isfinite(g).all() and torch.all(g[3] == 0) and torch.all(g[7] == 0)
+    empty = fg.gmm_log_prob(p["x"][:0], p["means"], p["prec_chol"], p["logits"], cov, backend="triton")
+    assert empty.shape == (0,)
+
+
+def test_backward_is_deterministic(seed):
+    p = random_problem("diag", 2, N=70, K=9, D=18, seed=seed, device=_device(), requires_grad=True)
+    args = [p[k] for k in ARGS]
+    up = torch.randn(2, 70, device=_device())
+    g1 = torch.autograd.grad(fg.gmm_log_prob(*args, "diag", backend="triton"), args, up)
+    g2 = torch.autograd.grad(fg.gmm_log_prob(*args, "diag", backend="triton"), args, up)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(seed):
+    from fastgmmdiff.kernels import gmm  # noqa: F401
+
+    p = random_problem("diag", 2, N=9, K=3, D=4, seed=seed, device=_device())
+    args = (p["x"], p["means"], p["prec_chol"], p["logits"], "diag")
+    torch.library.opcheck(torch.ops.fastgmmdiff.log_prob_triton, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_auto_never_picks_triton_for_cpu_tensors():
+    assert _dispatch.resolve("auto", torch.device("cpu")).name != "triton"
