@@ -81,6 +81,6 @@ def _fake_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type):
     return tuple(torch.empty_like(t) for t in (x, means, prec_chol))
 
 
-def register_target_op(fwd_name: str, bwd_name: str) -> None:
+def register_target_op(fwd_name: str, bwd_name: str, fakes: bool = True) -> None:
     """Like ``register_log_prob_op`` for the one-component-per-point op pair."""
-    _register(fwd_name, bwd_name, _fake_target_fwd, _fake_target_bwd, 3)
+    _register(fwd_name, bwd_name, _fake_target_fwd, _fake_target_bwd, 3, fakes)

@@ -137,14 +137,17 @@ def _probe_triton():
     return None
 
 
-def _triton_op():
-    from .kernels import gmm  # noqa: F401
+def _triton_op(name):
+    def get():
+        from .kernels import gmm  # noqa: F401
 
-    return torch.ops.fastgmmdiff.log_prob_triton
+        return getattr(torch.ops.fastgmmdiff, name)
+
+    return get
 
 
 # Under Triton's CPU interpreter (TRITON_INTERPRET=1, a test mode) the backend also takes CPU
 # tensors when asked for by name; "auto" never picks it for CPU tensors.
 register(Backend("triton", ("cuda", "cpu") if _triton_interpreted() else ("cuda",), _probe_triton,
-                 _triton_op, lambda: _torch_ops_loaded().log_prob_target_torch,
+                 _triton_op("log_prob_triton"), _triton_op("log_prob_target_triton"),
                  "pip install triton (a CUDA build of torch and an NVIDIA GPU)"))

@@ -30,6 +30,13 @@ Tiling — the structure of a FlashAttention forward without the V product:
   are bit-identical.  The split count is chosen so that there are enough programs to fill a
   GPU and the partial buffers stay under 64 MiB.
 
+NGMG with ``target`` (one component per point): the forward gathers each point's own
+component (μ_t, s_t) — the other components are never read — and writes log N(x_n; μ_t, Σ_t);
+the backward writes each point's terms (w s_t² z, w z²) and sums them per component with a
+segment sum over the points sorted by target (a stable argsort): fixed order, no atomics.
+diag and spherical; full covariance (a D×D product per point) uses the torch backend's gather
+op inside the same op.
+
 −inf rows (every ℓ = −inf) get log p = −inf and zero gradients; inside a live row a component
 with r = 0 has w = 0 and is never multiplied with an infinite distance.
 
@@ -67,6 +74,30 @@ def interpreted() -> bool:
 # --- kernels: diag and spherical ---------------------------------------------------------------
 
 @triton.jit
+def _z_chunk(x_row, mu_ptr, offs_n, mask_n, offs_k, mask_k, d0, D, sxn, smk,
+             BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """z = x − μ for dimensions d0 … d0+BLOCK_D: ([BLOCK_N, BLOCK_K, BLOCK_D], the [K, D] mask
+    and the offsets of the (k, d) entries, for loading s or storing partial sums)."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
+                 mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
+    mkd = mask_k[:, None] & mask_d[None, :]
+    kd = offs_k[:, None] * smk + offs_d[None, :]
+    mu = tl.load(mu_ptr + kd, mask=mkd, other=0.0).to(ACC)
+    return xt[:, None, :] - mu[None, :, :], mkd, kd
+
+
+@triton.jit
+def _row_weights(g_ptr, lp_ptr, offs_n, mask_n, ACC: tl.constexpr):
+    """(upstream gradient, log₂ p) per point; both 0 for padding and for −inf (dead) rows."""
+    lp = tl.load(lp_ptr + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
+    live = mask_n & (lp > float("-inf"))
+    gw = tl.where(live, tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
+    return gw, tl.where(live, lp * LOG2E, 0.0)
+
+
+@triton.jit
 def _q_tile(x_row, mu_ptr, s_ptr, offs_n, mask_n, offs_k, mask_k, D, sxn, smk, ssk,
             SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             BLOCK_D: tl.constexpr, ACC: tl.constexpr):
@@ -75,22 +106,32 @@ def _q_tile(x_row, mu_ptr, s_ptr, offs_n, mask_n, offs_k, mask_k, D, sxn, smk, s
     if SPHERICAL:
         s = tl.load(s_ptr + offs_k * ssk, mask=mask_k, other=0.0).to(ACC)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
-        mkd = mask_k[:, None] & mask_d[None, :]
-        mu = tl.load(mu_ptr + offs_k[:, None] * smk + offs_d[None, :], mask=mkd, other=0.0).to(ACC)
-        z = xt[:, None, :] - mu[None, :, :]
+        z, mkd, kd = _z_chunk(x_row, mu_ptr, offs_n, mask_n, offs_k, mask_k, d0, D, sxn, smk, BLOCK_D, ACC)
         if SPHERICAL:
             q += tl.sum(z * z, axis=2)
         else:
-            sd = tl.load(s_ptr + offs_k[:, None] * smk + offs_d[None, :], mask=mkd, other=0.0).to(ACC)
+            sd = tl.load(s_ptr + kd, mask=mkd, other=0.0).to(ACC)
             y = z * sd[None, :, :]
             q += tl.sum(y * y, axis=2)
     if SPHERICAL:
         q = q * (s * s)[None, :]
     return q
+
+
+@triton.jit
+def _online_lse(m, l, l2):
+    """Fold a [BLOCK_N, k] tile of log₂-domain ℓ into the running (max m, scaled sum l)."""
+    m_new = tl.maximum(m, tl.max(l2, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(l2 - m_safe[:, None]), axis=1)
+    return m_new, l
+
+
+@triton.jit
+def _lse_result(m, l):
+    """log p (natural log) from the running state; −inf where every ℓ was −inf."""
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return (m_safe + tl.log2(l)) * LN2
 
 
 @triton.jit
@@ -112,14 +153,8 @@ def _fwd_diag_kernel(x_ptr, mu_ptr, s_ptr, a_ptr, out_ptr, N, K, D,
                     sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
         a = tl.load(a_ptr + g * sag + offs_k, mask=mask_k, other=float("-inf")).to(ACC)
         l2 = a[None, :] * LOG2E - (0.5 * LOG2E) * q
-        l2 = tl.where(mask_k[None, :], l2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(l2, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(l2 - m_safe[:, None]), axis=1)
-        m = m_new
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    logp = (m_safe + tl.log2(l)) * LN2
-    tl.store(out_ptr + g * sog + offs_n, logp, mask=mask_n)
+        m, l = _online_lse(m, l, tl.where(mask_k[None, :], l2, float("-inf")))
+    tl.store(out_ptr + g * sog + offs_n, _lse_result(m, l), mask=mask_n)
 
 
 @triton.jit
@@ -149,10 +184,7 @@ def _bwd_x_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_ptr, N, K,
     x_row = x_ptr + g * sxg
     mu_g = mu_ptr + g * smg
     s_g = s_ptr + g * ssg
-    lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
-    live = mask_n & (lp > float("-inf"))
-    gw = tl.where(live, tl.load(g_ptr + g * sog + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
-    lp2 = tl.where(live, lp * LOG2E, 0.0)
+    gw, lp2 = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
     dx_row = dx_ptr + g * sdg + offs_n[:, None].to(tl.int64) * sdn
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for k0 in range(0, K, BLOCK_K):
@@ -164,22 +196,17 @@ def _bwd_x_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_ptr, N, K,
             s = tl.load(s_g + offs_k * ssk, mask=mask_k, other=0.0).to(ACC)
             w = w * (s * s)[None, :]
         for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
-            mkd = mask_k[:, None] & mask_d[None, :]
-            mu = tl.load(mu_g + offs_k[:, None] * smk + offs_d[None, :], mask=mkd, other=0.0).to(ACC)
-            z = xt[:, None, :] - mu[None, :, :]
+            z, mkd, kd = _z_chunk(x_row, mu_g, offs_n, mask_n, offs_k, mask_k, d0, D, sxn, smk, BLOCK_D, ACC)
             t = w[:, :, None] * tl.where((w != 0)[:, :, None], z, 0.0)  # r = 0 never meets z = inf
             if not SPHERICAL:
-                sd = tl.load(s_g + offs_k[:, None] * smk + offs_d[None, :], mask=mkd, other=0.0).to(ACC)
+                sd = tl.load(s_g + kd, mask=mkd, other=0.0).to(ACC)
                 t = t * (sd * sd)[None, :, :]
             part = -tl.sum(t, axis=1)
             if ONE_D:
                 acc += part
             else:
-                msk = mask_n[:, None] & mask_d[None, :]
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                msk = mask_n[:, None] & (offs_d < D)[None, :]
                 ptrs = dx_row + offs_d[None, :]
                 tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
     if ONE_D:
@@ -214,21 +241,13 @@ def _bwd_param_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, pz_ptr, p
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_hi
-        lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
-        live = mask_n & (lp > float("-inf"))
-        gw = tl.where(live, tl.load(g_ptr + g * sog + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
-        lp2 = tl.where(live, lp * LOG2E, 0.0)
+        gw, lp2 = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
         w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp2, D,
                     sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
         wsum += tl.sum(w, axis=0)
         for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
-            mkd = mask_k[:, None] & mask_d[None, :]
-            mu = tl.load(mu_g + offs_k[:, None] * smk + offs_d[None, :], mask=mkd, other=0.0).to(ACC)
-            z = tl.where((w != 0)[:, :, None], xt[:, None, :] - mu[None, :, :], 0.0)
+            z, mkd, kd = _z_chunk(x_row, mu_g, offs_n, mask_n, offs_k, mask_k, d0, D, sxn, smk, BLOCK_D, ACC)
+            z = tl.where((w != 0)[:, :, None], z, 0.0)
             wz = w[:, :, None] * z
             pz = tl.sum(wz, axis=0)
             pzz = tl.sum(wz * z, axis=0)
@@ -239,7 +258,7 @@ def _bwd_param_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, pz_ptr, p
                 if not SPHERICAL:
                     acc_zz += pzz
             else:
-                ptr = row[:, None] * D + offs_d[None, :]
+                ptr = row[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :]
                 tl.store(pz_ptr + ptr, tl.load(pz_ptr + ptr, mask=mkd, other=0.0) + pz, mask=mkd)
                 if not SPHERICAL:
                     tl.store(pzz_ptr + ptr, tl.load(pzz_ptr + ptr, mask=mkd, other=0.0) + pzz, mask=mkd)
@@ -298,13 +317,8 @@ def _fwd_full_kernel(x_ptr, mu_ptr, u_ptr, a_ptr, out_ptr, N, K, D,
                           D, sxn, BLOCK_N, BLOCK_D, ACC)
         q = _full_q(z, y)
         a = tl.load(a_ptr + g * sag + k).to(ACC)
-        l2 = a * LOG2E - (0.5 * LOG2E) * q
-        m_new = tl.maximum(m, l2)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.exp2(l2 - m_safe)
-        m = m_new
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    tl.store(out_ptr + g * sog + offs_n, (m_safe + tl.log2(l)) * LN2, mask=mask_n)
+        m, l = _online_lse(m, l, (a * LOG2E - (0.5 * LOG2E) * q)[:, None])
+    tl.store(out_ptr + g * sog + offs_n, _lse_result(m, l), mask=mask_n)
 
 
 @triton.jit
@@ -317,10 +331,7 @@ def _bwd_x_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_ptr, N, K,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_row = x_ptr + g * sxg
-    lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
-    live = mask_n & (lp > float("-inf"))
-    gw = tl.where(live, tl.load(g_ptr + g * sog + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
-    lp2 = tl.where(live, lp * LOG2E, 0.0)
+    gw, lp2 = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for k in range(0, K):
         z, y, u = _full_y(x_row, mu_ptr + g * smg + k * smk, u_ptr + g * sug + k * suk, offs_n, mask_n,
@@ -359,10 +370,7 @@ def _bwd_param_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, py_ptr, p
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_hi
-        lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
-        live = mask_n & (lp > float("-inf"))
-        gw = tl.where(live, tl.load(g_ptr + g * sog + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
-        lp2 = tl.where(live, lp * LOG2E, 0.0)
+        gw, lp2 = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
         z, y, u = _full_y(x_row, mu_k, u_k, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_D, ACC)
         q = _full_q(z, y)
         l2 = a * LOG2E - (0.5 * LOG2E) * q
@@ -379,6 +387,100 @@ def _bwd_param_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, py_ptr, p
     tl.store(py_ptr + row * D + offs_d, acc_y, mask=mask_d)
     tl.store(pzy_ptr + row * D * D + offs_d[:, None] * D + offs_d[None, :], acc_zy,
              mask=mask_d[:, None] & mask_d[None, :])
+
+
+# --- kernels: one component per point (NGMG with target), diag and spherical ------------------
+
+@triton.jit
+def _target_z(x_row, mu_g, s_g, t, offs_n, mask_n, d0, D, sxn, smk, ssk,
+              SPHERICAL: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """z = x − μ_t and (z s_t, the [N, D] mask, d offsets) for dimensions d0 … d0+BLOCK_D,
+    gathering each point's own component t."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    msk = mask_n[:, None] & (offs_d < D)[None, :]
+    xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :], mask=msk, other=0.0).to(ACC)
+    kd = t[:, None] * smk + offs_d[None, :]
+    z = xt - tl.load(mu_g + kd, mask=msk, other=0.0).to(ACC)
+    if SPHERICAL:
+        s = tl.load(s_g + t * ssk, mask=mask_n, other=0.0).to(ACC)[:, None]
+    else:
+        s = tl.load(s_g + kd, mask=msk, other=0.0).to(ACC)
+    return z, s, msk, offs_d
+
+
+@triton.jit
+def _fwd_target_kernel(x_ptr, mu_ptr, s_ptr, t_ptr, c_ptr, out_ptr, N, D,
+                       sxg, sxn, smg, smk, ssg, ssk, scg, sog,
+                       SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       ACC: tl.constexpr):
+    """log N(x_n; μ_t, Σ_t) = c_t − ½‖(x_n − μ_t) s_t‖², t = target[g, n]."""
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    t = tl.load(t_ptr + g * sog + offs_n, mask=mask_n, other=0)
+    q = tl.zeros((BLOCK_N,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        z, s, msk, offs_d = _target_z(x_ptr + g * sxg, mu_ptr + g * smg, s_ptr + g * ssg, t, offs_n, mask_n,
+                                      d0, D, sxn, smk, ssk, SPHERICAL, BLOCK_D, ACC)
+        y = z * s
+        q += tl.sum(y * y, axis=1)
+    c = tl.load(c_ptr + g * scg + t, mask=mask_n, other=0.0).to(ACC)
+    tl.store(out_ptr + g * sog + offs_n, c - 0.5 * q, mask=mask_n)
+
+
+@triton.jit
+def _bwd_target_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, t_ptr, lz_ptr, zz_ptr, N, D,
+                       sxg, sxn, smg, smk, ssg, ssk, sog,
+                       SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       ACC: tl.constexpr):
+    """Per point: lz = w s_t² z (= −∂x_n, and point n's share of ∂μ_t) into [G, N, D], and
+    w z² [G, N, D] (spherical: w ‖z‖² [G, N]); w = g_n, 0 for dead rows."""
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    t = tl.load(t_ptr + g * sog + offs_n, mask=mask_n, other=0)
+    lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
+    live = mask_n & (lp > float("-inf"))
+    w = tl.where(live, tl.load(g_ptr + g * sog + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
+    zz_sph = tl.zeros((BLOCK_N,), ACC)
+    row = (g * N + offs_n).to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        z, s, msk, offs_d = _target_z(x_ptr + g * sxg, mu_ptr + g * smg, s_ptr + g * ssg, t, offs_n, mask_n,
+                                      d0, D, sxn, smk, ssk, SPHERICAL, BLOCK_D, ACC)
+        z = tl.where((w != 0)[:, None], z, 0.0)
+        wz = w[:, None] * z
+        tl.store(lz_ptr + row[:, None] * D + offs_d[None, :], wz * s * s, mask=msk)
+        if SPHERICAL:
+            zz_sph += tl.sum(wz * z, axis=1)
+        else:
+            tl.store(zz_ptr + row[:, None] * D + offs_d[None, :], wz * z, mask=msk)
+    if SPHERICAL:
+        tl.store(zz_ptr + row, zz_sph, mask=mask_n)
+
+
+@triton.jit
+def _segment_sum_kernel(src_ptr, perm_ptr, off_ptr, out_ptr, N, K, W,
+                        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr):
+    """out[g, k, :] = Σ over the points of component k (rows perm[g, off[g,k] : off[g,k+1]]) of
+    src[g, row, :] — a fixed-order, atomic-free scatter-add of [G, N, W] into [G, K, W]."""
+    k = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    lo = tl.load(off_ptr + g * (K + 1) + k)
+    hi = tl.load(off_ptr + g * (K + 1) + k + 1)
+    for w0 in range(0, W, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        mask_w = offs_w < W
+        acc = tl.zeros((BLOCK_W,), ACC)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            m = offs < hi
+            rows = tl.load(perm_ptr + g * N + offs, mask=m, other=0)
+            v = tl.load(src_ptr + (g * N + rows)[:, None] * W + offs_w[None, :],
+                        mask=m[:, None] & mask_w[None, :], other=0.0).to(ACC)
+            acc += tl.sum(v, axis=0)
+        tl.store(out_ptr + (g * K + k) * W + offs_w, acc, mask=mask_w)
 
 
 # --- host side: launchers -------------------------------------------------------------------
@@ -547,6 +649,73 @@ def log_prob_bwd(grad, x, means, prec, logits, logp, cov):
     return tuple(t.to(d) for t, d in zip((gx, gmu, gprec, glog), in_dtypes))
 
 
+def _segment_sum(src, perm, offsets, K, acc_tl):
+    """[G, N, W] → [G, K, W] summed per component in the fixed order of ``perm`` (see kernel)."""
+    G, N, W = src.shape
+    out = torch.empty(G, K, W, dtype=src.dtype, device=src.device)
+    if K and G:
+        _launch(_segment_sum_kernel)[(K, G)](src, perm, offsets, out, N, K, W, BLOCK_N=32,
+                                             BLOCK_W=min(64, _pow2(W)), ACC=acc_tl)
+    return out
+
+
+def _target_consts(means, prec, cov, acc):
+    """c_k = log|U_k| − D/2 log 2π, [G, K]."""
+    D = means.shape[-1]
+    p = prec.to(acc)
+    ld = p.log().sum(-1) if cov == "diag" else D * p.log()
+    return (ld - 0.5 * D * LOG_2PI).contiguous()
+
+
+def log_prob_target_fwd(x, means, prec, target, cov):
+    """log N(x_n; μ_t, Σ_t) [G, N] for t = target [G, N] (diag / spherical)."""
+    G, K, D = means.shape
+    N = x.shape[1]
+    acc_tl, acc = _acc(x.dtype)
+    x, means, prec, target = x.contiguous(), means.contiguous(), prec.contiguous(), target.contiguous()
+    out = torch.empty(G, N, dtype=acc, device=x.device)
+    if N == 0 or G == 0:
+        return out
+    c = _target_consts(means, prec, cov, acc)
+    sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
+    BN, BD = 32, min(64, _pow2(D))
+    _launch(_fwd_target_kernel)[(triton.cdiv(N, BN), G)](x, means, prec, target, c, out, N, D, sxg, sxn, smg, smk,
+                                                         spg, spk, K, N, SPHERICAL=cov == "spherical",
+                                                         BLOCK_N=BN, BLOCK_D=BD, ACC=acc_tl)
+    return out
+
+
+def log_prob_target_bwd(grad, x, means, prec, target, logp, cov):
+    """Gradients (x, means, prec_chol) of Σ grad·log N(x_n; μ_t, Σ_t): per-point terms from one
+    kernel, summed per component by the fixed-order segment sum (sorted by target: no atomics)."""
+    from fastgmmdiff._torch_ops import finish_prec_grad
+
+    in_dtypes = [t.dtype for t in (x, means, prec)]
+    G, K, D = means.shape
+    Gx, N, _ = x.shape
+    acc_tl, acc = _acc(x.dtype)
+    x, means, prec, target = x.contiguous(), means.contiguous(), prec.contiguous(), target.contiguous()
+    sph = cov == "spherical"
+    w = torch.where(torch.isfinite(logp), grad.to(acc), 0.0).contiguous()
+    lz = torch.empty(G, N, D, dtype=acc, device=x.device)
+    zz = torch.empty((G, N, 1) if sph else (G, N, D), dtype=acc, device=x.device)
+    if N and G:
+        sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
+        BN, BD = 32, min(64, _pow2(D))
+        _launch(_bwd_target_kernel)[(triton.cdiv(N, BN), G)](w, logp.contiguous(), x, means, prec, target, lz, zz,
+                                                             N, D, sxg, sxn, smg, smk, spg, spk, N,
+                                                             SPHERICAL=sph, BLOCK_N=BN, BLOCK_D=BD, ACC=acc_tl)
+    perm = torch.argsort(target, dim=-1, stable=True).contiguous()
+    counts = torch.zeros(G, K, dtype=torch.int64, device=x.device).scatter_add_(1, target, torch.ones_like(target))
+    offsets = torch.cat([counts.new_zeros(G, 1), counts.cumsum(-1)], -1).contiguous()
+    gmu = _segment_sum(lz, perm, offsets, K, acc_tl)
+    S = _segment_sum(zz, perm, offsets, K, acc_tl)
+    W = _segment_sum(w.unsqueeze(-1), perm, offsets, K, acc_tl)[..., 0]
+    gprec = finish_prec_grad(prec.to(acc), W, S[..., 0] if sph else S, cov, D)
+    gx = -lz.sum(0, keepdim=True) if (Gx == 1 and G > 1) else -lz
+    return tuple(t.to(d) for t, d in zip((gx, gmu, gprec), in_dtypes))
+
+
 def full_supported(D: int) -> bool:
     return D <= FULL_MAX_D
 
@@ -556,7 +725,7 @@ def full_supported(D: int) -> bool:
 from torch import Tensor  # noqa: E402
 
 from fastgmmdiff import _torch_ops  # noqa: E402
-from fastgmmdiff._autograd import register_log_prob_op  # noqa: E402
+from fastgmmdiff._autograd import register_log_prob_op, register_target_op  # noqa: E402
 
 
 @torch.library.triton_op("fastgmmdiff::log_prob_triton", mutates_args=())
@@ -578,3 +747,23 @@ def log_prob_triton_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: 
 # triton_op derives the fake (meta) implementations by tracing the host code; only autograd is
 # registered here.
 register_log_prob_op("fastgmmdiff::log_prob_triton", "fastgmmdiff::log_prob_triton_backward", fakes=False)
+
+
+@torch.library.triton_op("fastgmmdiff::log_prob_target_triton", mutates_args=())
+def log_prob_target_triton(x: Tensor, means: Tensor, prec_chol: Tensor, target: Tensor,
+                           covariance_type: str) -> Tensor:
+    if covariance_type == "full":  # one D×D product per point: the torch backend's gather op
+        return _torch_ops.log_prob_target_fwd(x, means, prec_chol, target, covariance_type)
+    return log_prob_target_fwd(x, means, prec_chol, target, covariance_type)
+
+
+@torch.library.triton_op("fastgmmdiff::log_prob_target_triton_backward", mutates_args=())
+def log_prob_target_triton_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor, target: Tensor,
+                                    logp: Tensor, covariance_type: str) -> tuple[Tensor, Tensor, Tensor]:
+    if covariance_type == "full":
+        return _torch_ops.log_prob_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type)
+    return log_prob_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type)
+
+
+register_target_op("fastgmmdiff::log_prob_target_triton", "fastgmmdiff::log_prob_target_triton_backward",
+                   fakes=False)

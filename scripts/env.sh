@@ -15,6 +15,6 @@ fi
 . "$VENV/bin/activate"
 PIP="python -m pip -q --disable-pip-version-check"
 python -c "import torch" 2>/dev/null || { echo "[env] installing torch==2.13.0" >&2; $PIP install torch==2.13.0; }
-$PIP install setuptools wheel ninja numpy scikit-learn pytest pytest-benchmark matplotlib tqdm pillow scipy
+$PIP install setuptools wheel ninja numpy scikit-learn pytest pytest-benchmark matplotlib tqdm pillow scipy triton
 echo "[env] building and installing fastgmmdiff (pip install --no-build-isolation -e .)" >&2
 $PIP install --no-build-isolation -e . >/dev/null

@@ -40,13 +40,13 @@ def _fixed_loss(tr, seed=123):
 
 
 def test_a_few_steps_reduce_the_loss(tmp_path):
-    tr = T.Trainer(_cfg(tmp_path, "--steps", "40", "--lr", "2e-3", "--aux", "ngmg", "--seed", "3"))
+    tr = T.Trainer(_cfg(tmp_path, "--steps", "60", "--lr", "2e-3", "--aux", "ngmg", "--seed", "3"))
     before = _fixed_loss(tr)
     assert tr.train() == "done"
     after = _fixed_loss(tr)
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.9 * before, (before, after)
     rows = _metrics(tmp_path / "run" / "metrics.jsonl")
-    assert rows[-1]["step"] == 40 and all(math_finite(r["loss"]) for r in rows)
+    assert rows[-1]["step"] == 60 and all(math_finite(r["loss"]) for r in rows)
     assert {"denoise", "aux_real", "aux_guide", "loss", "grad_norm", "lr"} <= set(rows[0])
 
 
@@ -99,6 +99,8 @@ def test_checkpoint_survives_a_kill_during_save(tmp_path):
     assert r.returncode == -signal.SIGKILL, r.stderr
     ck = T.load_checkpoint(str(path))
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(1000))
+    torn = len(list(tmp_path.glob(".checkpoint-*.tmp")))
+    assert torn == 1
     # an exception during save (disk full, ...) leaves no temp file behind
     def failing(obj, f, *a, **k):
         raise OSError("disk full")
@@ -110,7 +112,8 @@ def test_checkpoint_survives_a_kill_during_save(tmp_path):
     finally:
         torch.save = orig
     assert T.load_checkpoint(str(path))["step"] == 1
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp") and p.name.startswith(".checkpoint-")]
+    # the killed process left its torn temp file (never read); the failed save cleaned up its own
+    assert len(list(tmp_path.glob(".checkpoint-*.tmp"))) == torn
 
 
 def test_nan_guard_skips_then_stops_keeping_the_checkpoint(tmp_path):
@@ -142,7 +145,7 @@ def test_nan_guard_skips_then_stops_keeping_the_checkpoint(tmp_path):
 
 
 def test_one_bad_step_is_skipped_and_training_goes_on(tmp_path):
-    tr = T.Trainer(_cfg(tmp_path, "--steps", "5", "--aux", "none"))
+    tr = T.Trainer(_cfg(tmp_path, "--steps", "5", "--aux", "none", "--log-every", "1"))
     real_forward = tr.system.forward
     calls = {"n": 0}
 
@@ -158,7 +161,7 @@ def test_one_bad_step_is_skipped_and_training_goes_on(tmp_path):
     with pytest.warns(RuntimeWarning, match="step skipped"):
         assert tr.train() == "done"
     rows = _metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["skipped"] for r in rows] == [False, True, False, False, False] or tr.cfg.log_every != 1
+    assert [r["skipped"] for r in rows] == [False, True, False, False, False]
     assert tr.step == 5 and tr.bad_in_row == 0
 
 

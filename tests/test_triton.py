@@ -93,6 +93,27 @@ def test_ngmg(cov, use_target, seed):
     assert torch.all(out <= 0) and torch.all(out >= -1)
 
 
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("x_batched", [True, False])
+def test_ngmg_target_gathers_odd_sizes(cov, x_batched, seed):
+    """The targeted kernels (gather each point's component; per-component sums in a fixed order
+    by sorting on target) with D past one block, K with empty components, shared x."""
+    p = random_problem(cov, 3, N=70, K=9, D=19 if cov != "full" else 6, seed=seed, device=_device(),
+                       x_batched=x_batched, requires_grad=True)
+    target = torch.randint(0, 7, (3, 70), device=_device())  # components 7, 8 get no point
+    _check(p, cov, op="ngmg", target=target)
+    _check(p, cov, op="ngmg", target=target, normalize=False)
+
+
+def test_target_backward_is_deterministic(seed):
+    p = random_problem("diag", 2, N=90, K=5, D=7, seed=seed, device=_device(), requires_grad=True)
+    args = [p[k] for k in ARGS]
+    t = torch.randint(0, 5, (2, 90), device=_device())
+    runs = [torch.autograd.grad(fg.ngmg_loss(*args, "diag", target=t, backend="triton"), args[:3]) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_read_as_such(dtype, seed):
     """Half inputs go into the kernels as half (no host upcast) with float32 math: judged like
@@ -137,8 +158,11 @@ def test_opcheck(seed):
 
     p = random_problem("diag", 2, N=9, K=3, D=4, seed=seed, device=_device())
     args = (p["x"], p["means"], p["prec_chol"], p["logits"], "diag")
-    torch.library.opcheck(torch.ops.fastgmmdiff.log_prob_triton, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.fastgmmdiff.log_prob_triton, args, test_utils=utils)
+    t = torch.randint(0, 3, (2, 9), device=_device())
+    targs = (p["x"], p["means"], p["prec_chol"], t, "diag")
+    torch.library.opcheck(torch.ops.fastgmmdiff.log_prob_target_triton, targs, test_utils=utils)
 
 
 def test_auto_never_picks_triton_for_cpu_tensors():
