@@ -105,7 +105,8 @@ def test_class_conditioner_unseen_combination(seed):
     a = cond.sample(unseen.expand(2000, -1), torch.Generator().manual_seed(1), allow_unseen=True)
     b = cond.sample(unseen.expand(2000, -1), torch.Generator().manual_seed(2), allow_unseen=True)
     assert torch.allclose(a.mean(0), b.mean(0), atol=0.06)  # one fixed fresh component
-    assert abs(float(a.mean(0).norm()) - 1.5) < 0.1
+    assert abs(float(a.mean(0).norm()) - 1.5 * 5 ** 0.5) < 0.1       # the norm of a feature condition
+    assert torch.allclose(cond.means.norm(dim=-1), torch.full((len(seen),), 1.5 * 5 ** 0.5))
     i = cond.class_index(torch.tensor([seen[0]]))
     c = cond.sample(torch.tensor([seen[0]]).expand(2000, -1), torch.Generator().manual_seed(0))
     assert torch.allclose(c.mean(0), cond.means[i[0]], atol=0.06)

@@ -13,10 +13,15 @@ and both own the mixture that ``aux_loss`` scores the classifier's outputs again
   an error unless ``allow_unseen=True`` (a fresh component, deterministic per combination,
   that the model never trained on).
 
-Geometry: every component mean has norm ``scale`` (default 1.5) and spread σ (0.5), so an
-untrained classifier (outputs near 0) starts at p̃ = exp(−½·scale²/σ²) = e^{−4.5} under both
-conditioners — neither aux loss starts on NGMG's flat tail.  Means of one feature are
-antipodal for a binary feature and orthonormal directions otherwise (when V ≤ d).
+Geometry: both conditioners put the same energy in the condition vector.  A feature slot's
+means have norm ``scale`` (default 1.5; antipodal for a binary feature, orthonormal directions
+otherwise when V ≤ d), so a full feature condition has norm scale·√F; a class mean is a random
+orthonormal direction of R^{F·d} with that same norm scale·√F (so classes are at least as far
+apart as two combinations differing in one feature).  The spread is σ = 0.5 in every
+dimension.  Consequence for NGMG: an untrained classifier (outputs near 0) starts at
+p̃ = exp(−½·scale²/σ²) = e^{−4.5} per feature slot, but at exp(−½·F·scale²/σ²) = e^{−22.5}
+under one joint class component — NGMG's bounded, redescending gradient is tiny there (Adam's
+normalisation still moves it); this is part of what the experiment compares.
 
 Aux losses (``aux_loss(z, labels, kind)``, per-sample ``[B]``):
 
@@ -150,6 +155,7 @@ class ClassConditioner(_Conditioner):
             raise ValueError("seen_combinations must be a non-empty list of distinct combinations")
         self.seed = seed
         self.allow_unseen = allow_unseen
+        self.class_scale = scale * self.n_features ** 0.5  # the norm of a feature condition
         radix = torch.tensor([1] + self.values_per_feature[:0:-1]).cumprod(0).flip(0)
         self.register_buffer("radix", radix, persistent=False)
         table = torch.full((int(torch.tensor(self.values_per_feature).prod()),), -1, dtype=torch.long)
@@ -164,7 +170,7 @@ class ClassConditioner(_Conditioner):
              else torch.as_tensor(class_frequencies, dtype=torch.float64))
         if w.shape != (C,) or bool((w < 0).any()) or float(w.sum()) <= 0:
             raise ValueError(f"class_frequencies must be {C} non-negative weights")
-        self.register_buffer("means", (scale * _directions(C, self.dim, g)).float())  # [C, F·d]
+        self.register_buffer("means", (self.class_scale * _directions(C, self.dim, g)).float())  # [C, F·d]
         self.register_buffer("logits", (w / w.sum()).log().float())                   # [C]
 
     def class_index(self, labels: torch.Tensor) -> torch.Tensor:
@@ -175,7 +181,7 @@ class ClassConditioner(_Conditioner):
         key = f"{self.seed}:" + "".join(map(str, combo))
         s = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
         u = torch.randn(self.dim, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-        return (self.scale * u / u.norm()).float()
+        return (self.class_scale * u / u.norm()).float()
 
     def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None,
                allow_unseen: bool | None = None) -> torch.Tensor:
