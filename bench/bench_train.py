@@ -4,9 +4,9 @@ reference ("torch") backend, side by side in one run, and where the step's time 
     python -m pytest bench/bench_train.py --benchmark-only        # pytest-benchmark
     python bench/bench_train.py [--device cuda]                   # the breakdown table
 
-The breakdown times, at the step's shapes: the whole step (aux = ngmg), the same step with
-aux = none (so the difference is the auxiliary classifier and its losses), and the NGMG loss
-forward+backward alone per backend — medians of repeated runs in one process.
+The breakdown times, at the step's shapes and round-robin in one process: the whole step
+(aux = ngmg) per NGMG backend, the same step with aux = none (the UNet alone), and the NGMG
+loss forward+backward alone per backend (it runs twice per step: on x0 and on x̂₀).
 """
 
 from __future__ import annotations
@@ -56,48 +56,46 @@ def test_train_step(benchmark, backend, tmp_path):
     assert not out["skipped"] and out["loss"] == out["loss"]
 
 
-def _median_time(fn, dev, reps=10):
-    ts = []
+def _interleaved_medians(fns: dict, dev, reps: int) -> dict:
+    """Median seconds of each callable, run round-robin so that drift hits all alike."""
+    times = {k: [] for k in fns}
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        _sync(dev)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            _sync(dev)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def breakdown(device="cpu", reps=10) -> str:
-    rows = []
-    tr_none = _trainer("auto", aux="none", device=device)
-    t_none = _median_time(tr_none.train_step, tr_none.device, reps)
-    for backend in ("torch", "auto"):
-        tr = _trainer(backend, device=device)
-        t_step = _median_time(tr.train_step, tr.device, reps)
+def breakdown(device="cpu", reps=15) -> str:
+    trainers = {"none": _trainer("auto", aux="none", device=device),
+                "torch": _trainer("torch", device=device), "auto": _trainer("auto", device=device)}
+    dev = trainers["none"].device
+    fns = {f"step/{k}": tr.train_step for k, tr in trainers.items()}
+    for b in ("torch", "auto"):
+        tr = trainers[b]
         cond = tr.system.conditioner
-        B = tr.cfg.batch_size
-        z = torch.randn(B, cond.dim, device=tr.device, requires_grad=True)
-        lab = tr.labels[:B]
-
-        def ngmg():
-            cond.aux_loss(z, lab, "ngmg").mean().backward()
-
-        ngmg()
-        t_ngmg = 2 * _median_time(ngmg, tr.device, reps)  # called on x0 and on x̂₀ each step
-        rows.append((backend, t_step, t_none, t_ngmg))
-    lines = [f"device {device}, batch {tr.cfg.batch_size}, UNet base {tr.cfg.base}, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-             "| NGMG backend | step (aux=ngmg) | step (aux=none) | aux classifier + losses | NGMG fwd+bwd ×2 | NGMG share |",
-             "|---|---|---|---|---|---|"]
-    for b, s, n, g in rows:
-        lines.append(f"| {b} | {s * 1e3:.1f} ms | {n * 1e3:.1f} ms | {(s - n) * 1e3:.1f} ms | "
-                     f"{g * 1e3:.2f} ms | {g / s:.1%} |")
+        z = torch.randn(tr.cfg.batch_size, cond.dim, device=dev, requires_grad=True)
+        lab = tr.labels[:tr.cfg.batch_size]
+        fns[f"ngmg/{b}"] = lambda cond=cond, z=z, lab=lab: cond.aux_loss(z, lab, "ngmg").mean().backward()
+    t = _interleaved_medians(fns, dev, reps)
+    cfg = trainers["none"].cfg
+    names = {b: _dispatch.resolve(b, dev).name for b in ("torch", "auto")}
+    lines = [f"device {device}, batch {cfg.batch_size}, UNet base {cfg.base}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, medians of {reps} interleaved steps",
+             "| NGMG backend | step, aux=ngmg | step, aux=none (same run) | NGMG fwd+bwd (×2 per step) | NGMG share of the step |",
+             "|---|---|---|---|---|"]
+    for b in ("torch", "auto"):
+        s, g = t[f"step/{b}"], 2 * t[f"ngmg/{b}"]
+        lines.append(f"| {b} ({names[b]}) | {s * 1e3:.1f} ms | {t['step/none'] * 1e3:.1f} ms | {g * 1e3:.2f} ms | {g / s:.1%} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=15)
     a = ap.parse_args()
     print(breakdown(a.device, a.reps))
     sys.exit(0)

@@ -91,7 +91,8 @@ def test_failed_extension_load_leaves_package_importable():
         logging.basicConfig(level=logging.WARNING)
         sys.modules["fastgmmdiff._C"] = None  # import of the extension now fails
         import torch, fastgmmdiff as fg
-        assert fg.available_backends() == ["torch"], fg.available_backends()
+        avail = fg.available_backends()
+        assert "torch" in avail and not {"cpu", "cuda"} & set(avail), avail
         x = torch.randn(4, 2)
         out = fg.gmm_log_prob(x, torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1))
         assert out.shape == (4,)
