@@ -53,22 +53,20 @@ Tests run these kernels on the CPU under ``TRITON_INTERPRET=1`` (tests/test_trit
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from fastgmmdiff import _torch_ops
+from fastgmmdiff._autograd import register_log_prob_op, register_target_op
+from fastgmmdiff._dispatch import _triton_interpreted as interpreted
+from fastgmmdiff._torch_ops import LOG_2PI, _log_det, acc_dtype, finish_prec_grad
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-LOG_2PI = math.log(2.0 * math.pi)
 FULL_MAX_D = 128
 _PARTIAL_BYTES = 64 << 20  # cap on the backward's per-split partial sums
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --- kernels: diag and spherical ---------------------------------------------------------------
@@ -441,9 +439,7 @@ def _bwd_target_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, t_ptr, lz_ptr, zz_pt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     t = tl.load(t_ptr + g * sog + offs_n, mask=mask_n, other=0)
-    lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
-    live = mask_n & (lp > float("-inf"))
-    w = tl.where(live, tl.load(g_ptr + g * sog + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
+    w, _ = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
     zz_sph = tl.zeros((BLOCK_N,), ACC)
     row = (g * N + offs_n).to(tl.int64)
     for d0 in range(0, D, BLOCK_D):
@@ -512,7 +508,9 @@ def _launch(kernel):
 
 
 def _acc(dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+    """(Triton, torch) accumulation dtypes for inputs of ``dtype`` (``_torch_ops.acc_dtype``)."""
+    acc = acc_dtype(dtype)
+    return (tl.float64 if acc == torch.float64 else tl.float32), acc
 
 
 def _pow2(n: int) -> int:
@@ -528,17 +526,15 @@ def _blocks(cov: str, D: int) -> dict:
     return dict(BLOCK_N=32, BLOCK_K=16, BLOCK_D=bd, num_warps=4)
 
 
-def _constants(means, prec, logits, cov, acc_dtype):
+def _constants(means, prec, logits, cov, acc):
     """a_k = log π_k + log|U_k| − D/2 log 2π, [G, K] in the accumulation dtype."""
+    return (torch.log_softmax(logits.to(acc), -1) + _target_consts(means, prec, cov, acc)).contiguous()
+
+
+def _target_consts(means, prec, cov, acc):
+    """c_k = log|U_k| − D/2 log 2π, [G, K] in the accumulation dtype."""
     D = means.shape[-1]
-    p = prec.to(acc_dtype)
-    if cov == "diag":
-        ld = p.log().sum(-1)
-    elif cov == "spherical":
-        ld = D * p.log()
-    else:
-        ld = torch.diagonal(p, dim1=-2, dim2=-1).log().sum(-1)
-    return (torch.log_softmax(logits.to(acc_dtype), -1) + ld - 0.5 * D * LOG_2PI).contiguous()
+    return (_log_det(prec.to(acc), cov, D) - 0.5 * D * LOG_2PI).contiguous()
 
 
 def _strides(x, means, prec, cov, G):
@@ -591,8 +587,6 @@ def _splits(N, K, D, G, cov, block_n, block_k):
 
 def log_prob_bwd(grad, x, means, prec, logits, logp, cov):
     """Gradients (x, means, prec_chol, logits) of Σ grad·log p, each in its input's dtype."""
-    from fastgmmdiff._torch_ops import finish_prec_grad
-
     in_dtypes = [t.dtype for t in (x, means, prec, logits)]
     G, K, D = means.shape
     Gx, N, _ = x.shape
@@ -659,14 +653,6 @@ def _segment_sum(src, perm, offsets, K, acc_tl):
     return out
 
 
-def _target_consts(means, prec, cov, acc):
-    """c_k = log|U_k| − D/2 log 2π, [G, K]."""
-    D = means.shape[-1]
-    p = prec.to(acc)
-    ld = p.log().sum(-1) if cov == "diag" else D * p.log()
-    return (ld - 0.5 * D * LOG_2PI).contiguous()
-
-
 def log_prob_target_fwd(x, means, prec, target, cov):
     """log N(x_n; μ_t, Σ_t) [G, N] for t = target [G, N] (diag / spherical)."""
     G, K, D = means.shape
@@ -688,8 +674,6 @@ def log_prob_target_fwd(x, means, prec, target, cov):
 def log_prob_target_bwd(grad, x, means, prec, target, logp, cov):
     """Gradients (x, means, prec_chol) of Σ grad·log N(x_n; μ_t, Σ_t): per-point terms from one
     kernel, summed per component by the fixed-order segment sum (sorted by target: no atomics)."""
-    from fastgmmdiff._torch_ops import finish_prec_grad
-
     in_dtypes = [t.dtype for t in (x, means, prec)]
     G, K, D = means.shape
     Gx, N, _ = x.shape
@@ -722,10 +706,6 @@ def full_supported(D: int) -> bool:
 
 # --- op registration and autograd -------------------------------------------------------------
 
-from torch import Tensor  # noqa: E402
-
-from fastgmmdiff import _torch_ops  # noqa: E402
-from fastgmmdiff._autograd import register_log_prob_op, register_target_op  # noqa: E402
 
 
 @torch.library.triton_op("fastgmmdiff::log_prob_triton", mutates_args=())
