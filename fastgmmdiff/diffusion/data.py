@@ -38,6 +38,7 @@ SHAPES_FEATURES = (("shape", ("disk", "square")), ("colour", ("warm", "cool")),
 # Held out of training by default: four of the 32 combinations, no two alike in more than
 # three features, so every (feature, value) pair is still seen in training.
 SHAPES_DEFAULT_HELD_OUT = ("00111", "11010", "10001", "01100")
+DIGITS_FEATURES = (("digit", tuple(str(i) for i in range(10))),)
 
 _RADIUS = {0: (4.5, 5.5), 1: (8.0, 9.0)}           # disk radius by size class (pixels)
 _CX = {0: (10.0, 12.0), 1: (20.0, 22.0)}            # object centre x by position
@@ -61,9 +62,7 @@ class Dataset:
 
     def check(self, images, labels) -> np.ndarray:
         """True where an image is not clean or any feature differs from ``labels``."""
-        feats, clean = self.read(images)
-        want = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
-        return ~clean | np.any(feats != want, axis=1)
+        return defective(self.read, images, labels)
 
     @property
     def values_per_feature(self) -> list:
@@ -97,6 +96,20 @@ def parse_combination(s: str, values_per_feature) -> tuple:
         if v >= n:
             raise ValueError(f"combination {s!r}: feature {f} has {n} values, got {v}")
     return c
+
+
+def parse_held_out(held_out, values_per_feature) -> tuple:
+    """Held-out combinations (strings like ``"00111"`` or tuples) → sorted tuple of tuples."""
+    return tuple(sorted({parse_combination(h, values_per_feature) if isinstance(h, str) else tuple(h)
+                         for h in held_out}))
+
+
+def defective(read, images, labels) -> np.ndarray:
+    """True where the checker ``read`` finds an image unclean or a feature differing from
+    ``labels`` ``[n, F]``."""
+    feats, clean = read(images)
+    want = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+    return ~clean | np.any(feats != want, axis=1)
 
 
 def format_combination(c) -> str:
@@ -182,16 +195,12 @@ def read_shapes(images) -> tuple:
 
 def shapes_defective(images, labels) -> np.ndarray:
     """True where an image is not clean or any feature differs from ``labels`` ``[n, 5]``."""
-    feats, clean = read_shapes(images)
-    want = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
-    return ~clean | np.any(feats != want, axis=1)
+    return defective(read_shapes, images, labels)
 
 
 def shapes(n: int = 8192, seed: int = 0, held_out=SHAPES_DEFAULT_HELD_OUT) -> Dataset:
     """``n`` images with feature combinations drawn uniformly from those not held out."""
-    vpf = [2] * 5
-    held = tuple(sorted({parse_combination(h, vpf) if isinstance(h, str) else tuple(h)
-                         for h in held_out}))
+    held = parse_held_out(held_out, values_per_feature("shapes"))
     allowed = [c for c in product(range(2), repeat=5) if c not in held]
     if not allowed:
         raise ValueError("every combination is held out: nothing left to train on")
@@ -237,15 +246,13 @@ def read_digits(images) -> tuple:
 
 def digits_defective(images, labels) -> np.ndarray:
     """True where the classifier does not read the requested digit."""
-    want = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
-    return read_digits(images)[0][:, 0] != want[:, 0]
+    return defective(read_digits, images, labels)
 
 
 def digits(n: int | None = None, seed: int = 0, held_out=()) -> Dataset:
     """The 1797 digits (or ``n`` of them, drawn with replacement), upsampled to 32×32."""
     imgs, y = _digits_raw()
-    held = tuple(sorted({parse_combination(h, [10]) if isinstance(h, str) else tuple(h)
-                         for h in held_out}))
+    held = parse_held_out(held_out, values_per_feature("digits"))
     keep = np.array([(int(t),) not in held for t in y])
     imgs, y = imgs[keep], y[keep]
     if n is not None:
@@ -253,11 +260,17 @@ def digits(n: int | None = None, seed: int = 0, held_out=()) -> Dataset:
         imgs, y = imgs[idx], y[idx]
     x = torch.from_numpy(imgs)[:, None]
     x = torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    return Dataset("digits", (("digit", tuple(str(i) for i in range(10))),), x * 2.0 - 1.0,
-                   torch.from_numpy(y)[:, None], read_digits, held)
+    return Dataset("digits", DIGITS_FEATURES, x * 2.0 - 1.0, torch.from_numpy(y)[:, None], read_digits, held)
 
 
 DATASETS = {"shapes": shapes, "digits": digits}
+FEATURES = {"shapes": SHAPES_FEATURES, "digits": DIGITS_FEATURES}
+DEFAULT_HELD_OUT = {"shapes": SHAPES_DEFAULT_HELD_OUT, "digits": ()}
+
+
+def values_per_feature(name: str) -> list:
+    """Values per feature of dataset ``name`` (known without building it)."""
+    return [len(v) for _, v in FEATURES[name]]
 
 
 def load(name: str, seed: int = 0, held_out=None, n: int | None = None) -> Dataset:

@@ -11,6 +11,7 @@ read back wrong (a graded measure that still moves while nearly every sample is 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -72,8 +73,8 @@ def defect_rates(sample_fn, dataset, n_per_combination: int, batch: int = 256) -
 def defect_report(trainer, n_per_combination: int, seed: int = 1) -> dict:
     """Defect rates of a trained :class:`~.trainer.Trainer` (EMA weights), written to
     ``defects.json`` and ``defects.md`` in its output folder."""
-    counter = iter(range(10**9))
-    rates = defect_rates(lambda lab: trainer.sample(lab.to(trainer.device), seed=seed * 7919 + next(counter)),
+    batch = itertools.count()  # a fresh sampling seed per batch, fixed per run
+    rates = defect_rates(lambda lab: trainer.sample(lab.to(trainer.device), seed=seed * 7919 + next(batch)),
                          trainer.dataset, n_per_combination)
     cfg = trainer.cfg
     lines = [f"| conditioning | aux | steps | defects, seen ({rates['n_seen']} comb.) | "

@@ -147,17 +147,15 @@ def parse_config(argv=None) -> TrainConfig:
     if ns.sample_steps > ns.timesteps:
         p.error(f"--sample-steps ({ns.sample_steps}) cannot exceed --timesteps ({ns.timesteps})")
     if ns.held_out is None:
-        held = list(data_mod.SHAPES_DEFAULT_HELD_OUT) if ns.dataset == "shapes" else []
+        held = list(data_mod.DEFAULT_HELD_OUT[ns.dataset])
     elif ns.held_out.strip().lower() in ("", "none"):
         held = []
     else:
         held = [h.strip() for h in ns.held_out.split(",") if h.strip()]
-    vpf = [2] * 5 if ns.dataset == "shapes" else [10]
-    for h in held:
-        try:
-            data_mod.parse_combination(h, vpf)
-        except ValueError as e:
-            p.error(f"--held-out: {e}")
+    try:
+        data_mod.parse_held_out(held, data_mod.values_per_feature(ns.dataset))
+    except ValueError as e:
+        p.error(f"--held-out: {e}")
     ns.held_out = held
     try:
         _resolve_device(ns.device)
