@@ -57,6 +57,52 @@ def grad_tolerances(fn, args, upstream, ref_grads) -> list:
     return [max(RTOL_GRAD, 2.0 * w) for w in worst]
 
 
+ARGS = ("x", "means", "prec_chol", "logits")
+
+
+def check_against_reference(p: dict, covariance_type: str, backend: str, op: str = "log_prob",
+                            target=None, normalize: bool = True):
+    """Assert that ``backend`` matches the float64 reference on problem ``p`` (a
+    :func:`random_problem` dict with ``requires_grad``): the value of ``gmm_log_prob``
+    (``op="log_prob"``) or of ``ngmg_loss`` with ``reduction="none"`` (``op="ngmg"``), and every
+    gradient for a random upstream, within the module's tolerances.  Returns the output."""
+    from . import functional
+
+    cov = covariance_type
+    if op == "log_prob":
+        def ours(*a):
+            return functional.gmm_log_prob(*a, cov, backend=backend)
+
+        def ref_fn(*a, form):
+            return reference.gmm_log_prob(*a, cov, form=form)
+    elif op == "ngmg":
+        kw = dict(target=target, normalize=normalize, reduction="none")
+
+        def ours(*a):
+            return functional.ngmg_loss(*a, cov, backend=backend, **kw)
+
+        def ref_fn(*a, form):
+            return reference.ngmg_loss(*a, cov, form=form, **kw)
+    else:
+        raise ValueError(f"op must be 'log_prob' or 'ngmg', got {op!r}")
+    args = [p[k] for k in ARGS]
+    a64 = [t.detach().double().requires_grad_() for t in args]
+    out = ours(*args)
+    ref = ref_fn(*a64, form="broadcast")
+    assert out.shape == ref.shape and out.dtype == args[0].dtype
+    assert rel_err(out, ref) <= RTOL_VALUE
+    up = torch.randn(ref.shape, dtype=torch.float64, device=ref.device)
+    ga = torch.autograd.grad(out, args, up.to(out.dtype), allow_unused=True)
+    gb = torch.autograd.grad(ref, a64, up, allow_unused=True)
+    for name, a, b, tol in zip(ARGS, ga, gb, grad_tolerances(ref_fn, args, up, gb)):
+        if b is None:  # only the logits, and only with a target, do not enter
+            assert name == "logits" and target is not None and (a is None or torch.all(a == 0)), name
+            continue
+        assert a.shape == b.shape and a.dtype == p[name].dtype, name
+        assert rel_err(a, b) <= tol, name
+    return out
+
+
 def random_problem(covariance_type="diag", G=None, N=64, K=4, D=3, *, dtype=torch.float32,
                    device="cpu", seed=0, x_batched=True, requires_grad=False):
     """A mixture batch and points near it, as a dict of gmm_log_prob's arguments.

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import fastgmmdiff as fg
-from fastgmmdiff import reference
-from fastgmmdiff.testing import RTOL_VALUE, grad_tolerances, random_problem, rel_err
+from fastgmmdiff.testing import check_against_reference, random_problem
 
 COVS = ["diag", "spherical", "full"]
 ARGS = ("x", "means", "prec_chol", "logits")
@@ -31,26 +30,7 @@ def _problem(cov, G, N, K, D, seed, x_batched=True):
 
 
 def _check(p, cov, backend, op="log_prob", target=None):
-    args = [p[k] for k in ARGS]
-    a64 = [t.detach().double().requires_grad_() for t in args]
-    if op == "log_prob":
-        out = fg.gmm_log_prob(*args, cov, backend=backend)
-        ref = reference.gmm_log_prob(*a64, cov)
-    else:
-        out = fg.ngmg_loss(*args, cov, target=target, reduction="none", backend=backend)
-        ref = reference.ngmg_loss(*a64, cov, target=target, reduction="none")
-    assert rel_err(out, ref) <= RTOL_VALUE
-    up = torch.randn_like(ref)
-    ga = torch.autograd.grad(out, args, up.float(), allow_unused=True)
-    gb = torch.autograd.grad(ref, a64, up, allow_unused=True)
-    if op == "log_prob":
-        fn = lambda *a, form: reference.gmm_log_prob(*a, cov, form=form)  # noqa: E731
-    else:
-        fn = lambda *a, form: reference.ngmg_loss(*a, cov, target=target, reduction="none", form=form)  # noqa: E731
-    for name, x, y, tol in zip(ARGS, ga, gb, grad_tolerances(fn, args, up, gb)):
-        if y is None:
-            continue
-        assert rel_err(x, y) <= tol, name
+    check_against_reference(p, cov, backend, op, target=target)
 
 
 @pytest.mark.parametrize("cov", COVS)

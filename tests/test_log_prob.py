@@ -5,7 +5,8 @@ import torch
 
 import fastgmmdiff as fg
 from fastgmmdiff import reference
-from fastgmmdiff.testing import RTOL_VALUE, grad_tolerances, random_problem, reference_log_prob, rel_err
+from fastgmmdiff.testing import (RTOL_VALUE, check_against_reference, grad_tolerances, random_problem,
+                                 reference_log_prob, rel_err)
 
 COVS = ["diag", "spherical", "full"]
 ARGS = ("x", "means", "prec_chol", "logits")
@@ -16,20 +17,9 @@ def _grads(out, p, upstream):
 
 
 def _check_against_reference(p, cov, backend="torch", shape_out=None):
-    out = fg.gmm_log_prob(*(p[k] for k in ARGS), cov, backend=backend)
-    ref = reference_log_prob(p, cov)
-    assert out.shape == ref.shape
+    out = check_against_reference(p, cov, backend)
     if shape_out is not None:
         assert tuple(out.shape) == shape_out
-    assert out.dtype == p["x"].dtype
-    assert rel_err(out, ref) <= RTOL_VALUE
-    up = torch.randn_like(ref)
-    g_ref = _grads(ref, p, up)
-    bounds = grad_tolerances(lambda *a, form: reference.gmm_log_prob(*a, cov, form=form),
-                             [p[k] for k in ARGS], up, g_ref)
-    for name, a, b, tol in zip(ARGS, _grads(out, p, up.to(out.dtype)), g_ref, bounds):
-        assert a.shape == p[name].shape and a.dtype == p[name].dtype
-        assert rel_err(a, b) <= tol, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -11,7 +11,7 @@ import torch
 
 import fastgmmdiff as fg
 from fastgmmdiff import _dispatch, reference
-from fastgmmdiff.testing import RTOL_VALUE, grad_tolerances, random_problem, rel_err
+from fastgmmdiff.testing import check_against_reference, random_problem, rel_err
 
 COVS = ["diag", "spherical", "full"]
 # numpy's warnings from inside the interpreter (inf arithmetic of the dead-row cases)
@@ -35,28 +35,7 @@ def _need_triton():
 
 
 def _check(p, cov, op="log_prob", target=None, normalize=True):
-    args = [p[k] for k in ARGS]
-    if op == "log_prob":
-        out = fg.gmm_log_prob(*args, cov, backend="triton")
-        fn = lambda *a, form: reference.gmm_log_prob(*a, cov, form=form)  # noqa: E731
-    else:
-        out = fg.ngmg_loss(*args, cov, target=target, normalize=normalize, reduction="none", backend="triton")
-        fn = lambda *a, form: reference.ngmg_loss(*a, cov, target=target, normalize=normalize,  # noqa: E731
-                                                  reduction="none", form=form)
-    a64 = [t.detach().double().requires_grad_() for t in args]
-    ref = fn(*a64, form="broadcast")
-    assert out.shape == ref.shape and out.dtype == args[0].dtype
-    assert rel_err(out, ref) <= RTOL_VALUE
-    up = torch.randn(ref.shape, dtype=torch.float64, device=ref.device)
-    ga = torch.autograd.grad(out, args, up.to(out.dtype), allow_unused=True)
-    gb = torch.autograd.grad(ref, a64, up, allow_unused=True)
-    for name, a, b, tol in zip(ARGS, ga, gb, grad_tolerances(fn, args, up, gb)):
-        if b is None:
-            assert a is None or torch.all(a == 0), name
-            continue
-        assert a.shape == b.shape and a.dtype == p[name].dtype, name
-        assert rel_err(a, b) <= tol, name
-    return out
+    return check_against_reference(p, cov, "triton", op, target=target, normalize=normalize)
 
 
 @pytest.mark.parametrize("cov", COVS)
