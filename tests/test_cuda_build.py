@@ -2,10 +2,8 @@
 csrc/cuda fails CI.  Compile only, for sm_90 (H100/H200), against the installed torch's headers.
 The kernels themselves run in bench/gpu_check.sh on a GPU machine."""
 
-import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 

@@ -1,12 +1,9 @@
 """The reference trainer's parts: data and checkers, conditioners, aux losses, UNet, samplers."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
-import fastgmmdiff as fg
 from fastgmmdiff.diffusion import conditioning as C
 from fastgmmdiff.diffusion import data
 from fastgmmdiff.diffusion.ddpm import GaussianDiffusion
