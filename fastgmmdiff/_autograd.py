@@ -36,14 +36,17 @@ def _op(qualname: str):
     return getattr(getattr(torch.ops, ns), name).default
 
 
-def _register(fwd_name, bwd_name, fake_fwd, fake_bwd, n_grads, fakes=True):
+def _register(fwd_name, bwd_name, fake_fwd, fake_bwd, n_grads, fakes=True, autograd=True):
     """Fakes for both ops (unless ``fakes=False``: a ``triton_op`` derives its own), and fwd's
     autograd: save the tensor inputs and the output (log p); backward calls
     ``bwd(grad, *tensor inputs, log p, covariance_type)``, which returns the gradients of the
-    first ``n_grads`` inputs."""
+    first ``n_grads`` inputs.  ``autograd=False``: fakes only (the compiled extension registers
+    the same autograd in C++, csrc/autograd.cpp, to keep Python off the latency path)."""
     if fakes:
         torch.library.register_fake(fwd_name)(fake_fwd)
         torch.library.register_fake(bwd_name)(fake_bwd)
+    if not autograd:
+        return
     bwd = _op(bwd_name)
 
     def setup_context(ctx, inputs, output):
@@ -59,9 +62,9 @@ def _register(fwd_name, bwd_name, fake_fwd, fake_bwd, n_grads, fakes=True):
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
-def register_log_prob_op(fwd_name: str, bwd_name: str, fakes: bool = True) -> None:
+def register_log_prob_op(fwd_name: str, bwd_name: str, fakes: bool = True, autograd: bool = True) -> None:
     """Register fakes for the ops ``fwd_name``/``bwd_name`` ("ns::name") and fwd's autograd."""
-    _register(fwd_name, bwd_name, _fake_fwd, _fake_bwd, 4, fakes)
+    _register(fwd_name, bwd_name, _fake_fwd, _fake_bwd, 4, fakes, autograd)
 
 
 # --- one component per point (NGMG with target) ----------------------------------------------
@@ -81,6 +84,6 @@ def _fake_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type):
     return tuple(torch.empty_like(t) for t in (x, means, prec_chol))
 
 
-def register_target_op(fwd_name: str, bwd_name: str, fakes: bool = True) -> None:
+def register_target_op(fwd_name: str, bwd_name: str, fakes: bool = True, autograd: bool = True) -> None:
     """Like ``register_log_prob_op`` for the one-component-per-point op pair."""
-    _register(fwd_name, bwd_name, _fake_target_fwd, _fake_target_bwd, 3, fakes)
+    _register(fwd_name, bwd_name, _fake_target_fwd, _fake_target_bwd, 3, fakes, autograd)

@@ -82,35 +82,10 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor&
   Prepared r;
   static_cast<Canonical&>(r) = canonical(x, means, prec, cov);
   r.logits = logits.to(r.x.scalar_type()).contiguous();
-  // a_k = log π_k + Σ_d log U_k[d,d] − D/2 log 2π, in a plain loop (G·K·D work: cheaper than
-  // the four ATen ops of component_const at the latency-regime sizes).
   r.a = at::empty({r.G, r.K}, r.x.options());
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_component_const", [&] {
-    const scalar_t* lg = r.logits.data_ptr<scalar_t>();
-    const scalar_t* pr = r.prec.data_ptr<scalar_t>();
-    scalar_t* a = r.a.data_ptr<scalar_t>();
-    const int64_t K = r.K, D = r.D;
-    const int64_t ps = cov == kDiag ? D : cov == kSpherical ? 1 : D * D;
-    const scalar_t half_d_log2pi = scalar_t(0.5 * 1.8378770664093454835606594728112) * scalar_t(D);
-    for (int64_t g = 0; g < r.G; ++g) {
-      const scalar_t* l = lg + g * K;
-      scalar_t m = -std::numeric_limits<scalar_t>::infinity();
-      for (int64_t k = 0; k < K; ++k) m = std::max(m, l[k]);
-      scalar_t sum = 0;
-      for (int64_t k = 0; k < K; ++k) sum += std::exp(l[k] - m);
-      const scalar_t lse = m + std::log(sum);
-      for (int64_t k = 0; k < K; ++k) {
-        const scalar_t* u = pr + (g * K + k) * ps;
-        scalar_t ld = 0;
-        if (cov == kDiag)
-          for (int64_t d = 0; d < D; ++d) ld += std::log(u[d]);
-        else if (cov == kSpherical)
-          ld = scalar_t(D) * std::log(u[0]);
-        else
-          for (int64_t d = 0; d < D; ++d) ld += std::log(u[d * D + d]);
-        a[g * K + k] = l[k] - lse + ld - half_d_log2pi;
-      }
-    }
+    component_consts(r.logits.data_ptr<scalar_t>(), r.prec.data_ptr<scalar_t>(), r.cov, r.G, r.K, r.D,
+                     r.a.data_ptr<scalar_t>());
   });
   return r;
 }
@@ -162,31 +137,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu
   const int64_t items = n_items(r);
   const bool shared = r.Gx == 1 && r.G > 1;
 
-  const int64_t buf_elems = r.G * r.K * (2 * r.D + 1 + (r.cov == kFull ? r.D * r.D : 0));
+  const int64_t ps = r.cov == kDiag ? r.D : r.cov == kSpherical ? 1 : r.D * r.D;
+  const int64_t buf_elems = r.G * r.K * (r.D + ps + 1);
   const ChunkPlan plan(items, r.G, shared, buf_elems * static_cast<int64_t>(r.x.element_size()),
                        items * work_per_item(r));
-  at::Tensor gmu = at::zeros({plan.nbuf, r.G, r.K, r.D}, r.x.options());
-  std::vector<int64_t> sshape = {plan.nbuf};
-  for (auto s : r.prec.sizes()) sshape.push_back(s);
-  at::Tensor S = at::zeros(sshape, r.x.options());
-  at::Tensor W = at::zeros({plan.nbuf, r.G, r.K}, r.x.options());
+  at::Tensor gmu = at::empty_like(r.means), gprec = at::empty_like(r.prec),
+             glog = at::empty({r.G, r.K}, r.x.options());
 
+  // The parameter-gradient epilogue is plain loops (G·K·D work): at the latency-regime sizes
+  // a dozen ATen calls here cost more than the kernel.
   AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_backward_cpu", [&] {
     const Problem<scalar_t> p = problem<scalar_t>(r);
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* lpp = lp.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
+    const ParamSums<scalar_t> sums(plan.nbuf, r.G, r.K, r.D, ps, r.x.options());
     plan.run([&](int64_t b, int64_t e, int64_t buf) {
-      const Accum<scalar_t> a{gmu[buf].data_ptr<scalar_t>(), S[buf].data_ptr<scalar_t>(),
-                              W[buf].data_ptr<scalar_t>()};
-      run_bwd(p, gp, lpp, gxp, a, b, e);
+      run_bwd(p, gp, lpp, gxp, Accum<scalar_t>{sums.gmu(buf), sums.gS(buf), sums.W(buf)}, b, e);
     });
+    sums.fold();
+    finish_param_grads(sums, r.prec.data_ptr<scalar_t>(), r.cov, gmu.data_ptr<scalar_t>(),
+                       gprec.data_ptr<scalar_t>());
+    // logits: W_k − π_k Σ_n g_n over the live rows (π = softmax(logits), a_k holds log π_k
+    // plus a constant per k, so π is recomputed from the logits here).
+    const scalar_t* W = sums.W(0);
+    const scalar_t* lg = r.logits.data_ptr<scalar_t>();
+    scalar_t* gl = glog.data_ptr<scalar_t>();
+    for (int64_t gg = 0; gg < r.G; ++gg) {
+      scalar_t gsum = 0;
+      for (int64_t n = 0; n < r.N; ++n)
+        if (std::isfinite(lpp[gg * r.N + n])) gsum += gp[gg * r.N + n];
+      const scalar_t* l = lg + gg * r.K;
+      scalar_t m = -std::numeric_limits<scalar_t>::infinity(), z = 0;
+      for (int64_t k = 0; k < r.K; ++k) m = std::max(m, l[k]);
+      for (int64_t k = 0; k < r.K; ++k) z += std::exp(l[k] - m);
+      for (int64_t k = 0; k < r.K; ++k)
+        gl[gg * r.K + k] = W[gg * r.K + k] - std::exp(l[k] - m) / z * gsum;
+    }
   });
-  at::Tensor gmu_t = fold_chunks(gmu), S_t = fold_chunks(S), W_t = fold_chunks(W);
-  at::Tensor gsum = at::where(lp.isfinite(), g, at::zeros({}, g.options())).sum(-1, true);
-  at::Tensor glog = W_t - at::softmax(r.logits, -1) * gsum;
-  at::Tensor gprec = finish_prec_grad(r.prec, W_t, S_t, r.cov, r.D);
-  return {gx.to(x.scalar_type()), gmu_t.to(means.scalar_type()), gprec.to(prec.scalar_type()),
+  return {gx.to(x.scalar_type()), gmu.to(means.scalar_type()), gprec.to(prec.scalar_type()),
           glog.to(logits.scalar_type())};
 }
 

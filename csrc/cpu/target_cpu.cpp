@@ -36,7 +36,10 @@ TPrepared tprepare(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   const int64_t* t = r.target.data_ptr<int64_t>();
   for (int64_t i = 0, n = r.target.numel(); i < n; ++i)
     FGD_CHECK(t[i] >= 0 && t[i] < r.K, "target holds ", t[i], ", outside the component range [0, ", r.K, ")");
-  r.c = component_lognorm(r.prec, cov, r.D);
+  r.c = at::empty({r.G, r.K}, r.x.options());
+  AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_component_lognorm", [&] {
+    component_consts<scalar_t>(nullptr, r.prec.data_ptr<scalar_t>(), cov, r.G, r.K, r.D, r.c.data_ptr<scalar_t>());
+  });
   return r;
 }
 
@@ -110,13 +113,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
   const int64_t items = shared ? r.N : r.G * r.N;
   const ChunkPlan plan(items, r.G, shared, r.G * r.K * (r.D + ps + 1) * static_cast<int64_t>(r.x.element_size()),
                        r.G * r.N * (ps + r.D));
-  at::Tensor gmu = at::zeros({plan.nbuf, r.G, r.K, r.D}, r.x.options());
-  std::vector<int64_t> sshape = {plan.nbuf};
-  for (auto s : r.prec.sizes()) sshape.push_back(s);
-  at::Tensor S = at::zeros(sshape, r.x.options());
-  at::Tensor W = at::zeros({plan.nbuf, r.G, r.K}, r.x.options());
-  if (items > 0) {
-    AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_target_backward_cpu", [&] {
+  at::Tensor gmu_out = at::empty_like(r.means), gprec = at::empty_like(r.prec);
+  AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_target_backward_cpu", [&] {
+    const ParamSums<scalar_t> sums(plan.nbuf, r.G, r.K, r.D, ps, r.x.options());
+    if (items > 0) {
       const scalar_t *xp = r.x.data_ptr<scalar_t>(), *mp = r.means.data_ptr<scalar_t>(),
                      *pp = r.prec.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(),
                      *lpp = lp.data_ptr<scalar_t>();
@@ -124,9 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
       scalar_t* gxp = gx.data_ptr<scalar_t>();
       const int64_t D = r.D;
       plan.run([&](int64_t b, int64_t e, int64_t buf) {
-        scalar_t* gm = gmu[buf].data_ptr<scalar_t>();
-        scalar_t* gs = S[buf].data_ptr<scalar_t>();
-        scalar_t* gw = W[buf].data_ptr<scalar_t>();
+        scalar_t* gm = sums.gmu(buf);
+        scalar_t* gs = sums.gS(buf);
+        scalar_t* gw = sums.W(buf);
         std::vector<scalar_t> y(D), z(D), uy(D);
         for (int64_t it = b; it < e; ++it) {
           const int64_t g0 = shared ? 0 : it / r.N, g1 = shared ? r.G : g0 + 1;
@@ -172,10 +172,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
           }
         }
       });
-    });
-  }
-  at::Tensor gprec = finish_prec_grad(r.prec, fold_chunks(W), fold_chunks(S), r.cov, r.D);
-  return {gx.to(x.scalar_type()), fold_chunks(gmu).to(means.scalar_type()), gprec.to(prec.scalar_type())};
+    }
+    sums.fold();
+    finish_param_grads(sums, r.prec.data_ptr<scalar_t>(), r.cov, gmu_out.data_ptr<scalar_t>(),
+                       gprec.data_ptr<scalar_t>());
+  });
+  return {gx.to(x.scalar_type()), gmu_out.to(means.scalar_type()), gprec.to(prec.scalar_type())};
 }
 
 }  // namespace cpu

@@ -1,0 +1,142 @@
+// Autograd of fastgmmdiff::log_prob and fastgmmdiff::log_prob_target, in C++ (the Autograd
+// dispatch key, for every device the ops serve).
+//
+// Why C++: in the latency regime (PERF.md `small`, `paper`, `mdn`) a Python autograd wrapper
+// (torch.library.register_autograd) costs more than the kernels: it runs Python on every
+// forward, even without gradients, and again in backward.  Here the forward node saves the
+// inputs and log p (N floats per mixture) and its backward calls the registered backward op,
+// which recomputes the responsibilities from log p (SPEC §1).  The fake (meta) kernels of all
+// four ops are registered from Python (fastgmmdiff/_autograd.py), so torch.compile traces
+// through this node with fake tensors as it does through any ATen op.
+//
+// The backward ops are differentiable only in name: a second derivative raises a clear error.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "ops.h"
+
+namespace fastgmmdiff {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+
+using FwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::string_view);
+using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                          const Tensor&, const Tensor&, const Tensor&,
+                                                          c10::string_view);
+using TBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                   const Tensor&, const Tensor&, const Tensor&,
+                                                   c10::string_view);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// The backward ops under autograd (reached only with create_graph=True): they compute the
+// first derivatives; differentiating them again is an error, never a silent zero.
+class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
+ public:
+  template <typename Op, typename... Args>
+  static variable_list forward(AutogradContext* ctx, const Op* op, const Args&... args) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto r = op->call(args...);
+    return std::apply([](auto&... t) { return variable_list{t...}; }, r);
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    FGD_CHECK(false, "second derivatives of the log-density are not implemented (the backward "
+                     "of fastgmmdiff's log-density ops is not differentiable)");
+    return {};
+  }
+};
+
+class LogProbFunction : public torch::autograd::Function<LogProbFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& prec,
+                        const Tensor& logits, c10::string_view cov) {
+    static auto op = handle<FwdSig>("fastgmmdiff::log_prob");
+    Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(x, means, prec, logits, cov);
+    }
+    ctx->save_for_backward({x, means, prec, logits, out});
+    ctx->saved_data["cov"] = std::string(cov);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    static auto op = handle<BwdSig>("fastgmmdiff::log_prob_backward");
+    const auto s = ctx->get_saved_variables();
+    const std::string cov = ctx->saved_data["cov"].toStringRef();
+    Tensor g = grad_out[0].defined() ? grad_out[0].contiguous() : at::zeros_like(s[4]);
+    auto r = op.call(g, s[0], s[1], s[2], s[3], s[4], cov);
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), Tensor()};
+  }
+};
+
+class TargetFunction : public torch::autograd::Function<TargetFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& prec,
+                        const Tensor& target, c10::string_view cov) {
+    static auto op = handle<FwdSig>("fastgmmdiff::log_prob_target");
+    Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(x, means, prec, target, cov);
+    }
+    ctx->save_for_backward({x, means, prec, target, out});
+    ctx->saved_data["cov"] = std::string(cov);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    static auto op = handle<TBwdSig>("fastgmmdiff::log_prob_target_backward");
+    const auto s = ctx->get_saved_variables();
+    const std::string cov = ctx->saved_data["cov"].toStringRef();
+    Tensor g = grad_out[0].defined() ? grad_out[0].contiguous() : at::zeros_like(s[4]);
+    auto r = op.call(g, s[0], s[1], s[2], s[3], s[4], cov);
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), Tensor(), Tensor()};
+  }
+};
+
+Tensor log_prob_autograd(const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& logits,
+                         c10::string_view cov) {
+  return LogProbFunction::apply(x, means, prec, logits, cov);
+}
+
+Tensor log_prob_target_autograd(const Tensor& x, const Tensor& means, const Tensor& prec,
+                                const Tensor& target, c10::string_view cov) {
+  return TargetFunction::apply(x, means, prec, target, cov);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> log_prob_backward_autograd(
+    const Tensor& grad, const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& logits,
+    const Tensor& logp, c10::string_view cov) {
+  static auto op = handle<BwdSig>("fastgmmdiff::log_prob_backward");
+  auto r = BackwardFunction::apply(&op, grad, x, means, prec, logits, logp, cov);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> log_prob_target_backward_autograd(
+    const Tensor& grad, const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& target,
+    const Tensor& logp, c10::string_view cov) {
+  static auto op = handle<TBwdSig>("fastgmmdiff::log_prob_target_backward");
+  auto r = BackwardFunction::apply(&op, grad, x, means, prec, target, logp, cov);
+  return {r[0], r[1], r[2]};
+}
+
+}  // namespace
+}  // namespace fastgmmdiff
+
+TORCH_LIBRARY_IMPL(fastgmmdiff, Autograd, m) {
+  m.impl("log_prob", &fastgmmdiff::log_prob_autograd);
+  m.impl("log_prob_target", &fastgmmdiff::log_prob_target_autograd);
+  m.impl("log_prob_backward", &fastgmmdiff::log_prob_backward_autograd);
+  m.impl("log_prob_target_backward", &fastgmmdiff::log_prob_target_backward_autograd);
+}
