@@ -1,4 +1,4 @@
-// Autograd of fastgmmdiff::log_prob and fastgmmdiff::log_prob_target, in C++ (the Autograd
+// Autograd of fastgmmdiff::log_prob, log_prob_target and ngmg, in C++ (the Autograd
 // dispatch key, for every device the ops serve).
 //
 // Why C++: in the latency regime (PERF.md `small`, `paper`, `mdn`) a Python autograd wrapper
@@ -32,6 +32,13 @@ using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const T
 using TBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                    const Tensor&, const Tensor&, const Tensor&,
                                                    c10::string_view);
+
+using NgmgSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                           const c10::optional<Tensor>&, c10::string_view, bool);
+using NgmgBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                              const Tensor&, const Tensor&,
+                                                              const c10::optional<Tensor>&, const Tensor&,
+                                                              const Tensor&, c10::string_view);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> handle(const char* name) {
@@ -105,6 +112,53 @@ class TargetFunction : public torch::autograd::Function<TargetFunction> {
   }
 };
 
+// The fused NGMG: outputs (loss, logp); logp is saved for the backward and not differentiable.
+class NgmgFunction : public torch::autograd::Function<NgmgFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& prec,
+                               const Tensor& logits, const c10::optional<Tensor>& target, c10::string_view cov,
+                               bool normalize) {
+    static auto op = handle<NgmgSig>("fastgmmdiff::ngmg");
+    std::tuple<Tensor, Tensor> r;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      r = op.call(x, means, prec, logits, target, cov, normalize);
+    }
+    const Tensor t = target.has_value() ? *target : Tensor();
+    ctx->save_for_backward({x, means, prec, logits, t, std::get<0>(r), std::get<1>(r)});
+    ctx->saved_data["cov"] = std::string(cov);
+    ctx->mark_non_differentiable({std::get<1>(r)});
+    return {std::get<0>(r), std::get<1>(r)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    static auto op = handle<NgmgBwdSig>("fastgmmdiff::ngmg_backward");
+    const auto s = ctx->get_saved_variables();
+    const std::string cov = ctx->saved_data["cov"].toStringRef();
+    Tensor g = grad_out[0].defined() ? grad_out[0].contiguous() : at::zeros_like(s[5]);
+    const c10::optional<Tensor> t = s[4].defined() ? c10::optional<Tensor>(s[4]) : c10::nullopt;
+    auto r = op.call(g, s[0], s[1], s[2], s[3], t, s[5], s[6], cov);
+    // With a target the weights do not enter the loss: no gradient (None), as in the torch backend.
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), t.has_value() ? Tensor() : std::get<3>(r),
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> ngmg_autograd(const Tensor& x, const Tensor& means, const Tensor& prec,
+                                         const Tensor& logits, const c10::optional<Tensor>& target,
+                                         c10::string_view cov, bool normalize) {
+  auto r = NgmgFunction::apply(x, means, prec, logits, target, cov, normalize);
+  return {r[0], r[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ngmg_backward_autograd(
+    const Tensor& grad, const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& logits,
+    const c10::optional<Tensor>& target, const Tensor& loss, const Tensor& logp, c10::string_view cov) {
+  static auto op = handle<NgmgBwdSig>("fastgmmdiff::ngmg_backward");
+  auto r = BackwardFunction::apply(&op, grad, x, means, prec, logits, target, loss, logp, cov);
+  return {r[0], r[1], r[2], r[3]};
+}
+
 Tensor log_prob_autograd(const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& logits,
                          c10::string_view cov) {
   return LogProbFunction::apply(x, means, prec, logits, cov);
@@ -139,4 +193,6 @@ TORCH_LIBRARY_IMPL(fastgmmdiff, Autograd, m) {
   m.impl("log_prob_target", &fastgmmdiff::log_prob_target_autograd);
   m.impl("log_prob_backward", &fastgmmdiff::log_prob_backward_autograd);
   m.impl("log_prob_target_backward", &fastgmmdiff::log_prob_target_backward_autograd);
+  m.impl("ngmg", &fastgmmdiff::ngmg_autograd);
+  m.impl("ngmg_backward", &fastgmmdiff::ngmg_backward_autograd);
 }

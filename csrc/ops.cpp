@@ -11,7 +11,8 @@ const char* isa_name();
 }  // namespace fastgmmdiff
 
 TORCH_LIBRARY(fastgmmdiff, m) {
-  // log p [G, N] (float32, or float64 for float64 inputs) on the canonical layout.
+  // log p (float32, or float64 for float64 inputs): [G, N], or [N] when no input has the G
+  // axis (the API layout of ops.h).
   m.def("log_prob(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, str covariance_type) -> Tensor");
   // Gradients of Σ grad·log p w.r.t. (x, means, prec_chol, logits), each in its input's dtype.
   m.def("log_prob_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, "
@@ -21,6 +22,14 @@ TORCH_LIBRARY(fastgmmdiff, m) {
   // Gradients of Σ grad·log N w.r.t. (x, means, prec_chol).
   m.def("log_prob_target_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor target, "
         "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor)");
+  // Fused NGMG (SPEC §2): (loss, logp), both result-shaped: loss = −p̃ per point, logp = log p
+  // (no target) or the target component's a_t − ½q_t (a_t = its log-normaliser, 0 when
+  // normalize), saved for the backward.
+  m.def("ngmg(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, str covariance_type, "
+        "bool normalize) -> (Tensor, Tensor)");
+  // Gradients of Σ grad·loss w.r.t. (x, means, prec_chol, logits); logits' is 0 with a target.
+  m.def("ngmg_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, "
+        "Tensor loss, Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 static PyObject* py_cpu_isa(PyObject*, PyObject*) {

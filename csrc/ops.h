@@ -5,6 +5,7 @@
 #include <c10/util/string_view.h>
 
 #include <string>
+#include <vector>
 
 namespace fastgmmdiff {
 
@@ -19,6 +20,76 @@ inline int parse_cov(c10::string_view cov) {
   FGD_CHECK(false, "covariance_type must be 'diag', 'spherical' or 'full' (the ops take the "
                    "canonical layout; 'tied' is expanded in Python), got '", std::string(cov), "'");
   return -1;
+}
+
+// The ops take the API layout (after dtype promotion and "tied" → "full" in Python): every
+// tensor with or without its leading mixture axis G, i.e. x [N, D] | [Gx, N, D], means [K, D] |
+// [G, K, D], prec diag [K, D] | spherical [K] | full [K, D, D] (each | with G), logits or
+// target [K] | [G, K] resp. [N] | [G, N].  The result is [G, N] when any input has the G axis,
+// else [N].  Entry points turn the inputs into the canonical layout below (views: an unsqueeze,
+// or a stride-0 expand that `canonical` makes contiguous) and fit the gradients back to the
+// inputs' shapes (`fit_grad`), so the Python API needs no view ops (and autograd no view
+// nodes) on the latency path.
+struct Views {
+  at::Tensor x, means, prec, last;  // canonical; last = logits [G, K] or target [G, N]
+  bool batched = false;             // the result has the G axis
+  int64_t G = 1;
+};
+
+inline int64_t prec_dims(int cov) { return cov == kDiag ? 2 : cov == kSpherical ? 1 : 3; }
+
+// last: logits (is_target false) or target (true).
+inline Views canonical_views(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                             const at::Tensor& last, int cov, bool is_target) {
+  const int64_t pd = prec_dims(cov);
+  FGD_CHECK(x.dim() == 2 || x.dim() == 3, "x must be [N, D] or [G, N, D], got ", x.sizes());
+  FGD_CHECK(means.dim() == 2 || means.dim() == 3, "means must be [K, D] or [G, K, D], got ", means.sizes());
+  FGD_CHECK(prec.dim() == pd || prec.dim() == pd + 1, "prec_chol must have ", pd, " or ", pd + 1,
+            " dimensions for this covariance type, got ", prec.sizes());
+  FGD_CHECK(last.dim() == 1 || last.dim() == 2, is_target ? "target" : "logits", " must be 1-D or 2-D, got ",
+            last.sizes());
+  Views v;
+  int64_t G = -1;
+  auto take = [&](const at::Tensor& t, bool has, const char* name) {
+    if (!has) return;
+    FGD_CHECK(G < 0 || t.size(0) == G, "the mixture-batch axis G differs: ", name, " has ", t.size(0),
+              ", another input ", G);
+    G = t.size(0);
+  };
+  take(x, x.dim() == 3, "x");
+  take(means, means.dim() == 3, "means");
+  take(prec, prec.dim() == pd + 1, "prec_chol");
+  take(last, last.dim() == 2, is_target ? "target" : "logits");
+  v.batched = G >= 0;
+  v.G = G < 0 ? 1 : G;
+  auto with_g = [&](const at::Tensor& t, bool has) {
+    if (has) return t;
+    at::Tensor u = t.unsqueeze(0);
+    if (v.G == 1) return u;
+    std::vector<int64_t> sz(u.sizes().begin(), u.sizes().end());
+    sz[0] = v.G;
+    return u.expand(sz);
+  };
+  v.x = x.dim() == 3 ? x : x.unsqueeze(0);  // a shared x stays Gx = 1
+  v.means = with_g(means, means.dim() == 3);
+  v.prec = with_g(prec, prec.dim() == pd + 1);
+  v.last = with_g(last, last.dim() == 2);
+  return v;
+}
+
+// The canonical [G, N] of a result-shaped tensor (grad, log p).
+inline at::Tensor canonical_rows(const at::Tensor& t, const Views& v) {
+  return v.batched ? t : t.unsqueeze(0);
+}
+// The result [G, N] in the API layout.
+inline at::Tensor api_rows(const at::Tensor& t, const Views& v) { return v.batched ? t : t.squeeze(0); }
+
+// A gradient computed on the canonical layout, fitted to `input`'s shape and dtype: summed over
+// G where the input had no G axis (it was broadcast), cast back to the input's dtype.
+inline at::Tensor fit_grad(const at::Tensor& g, const at::Tensor& input) {
+  at::Tensor r = g;
+  if (input.dim() < g.dim()) r = g.size(0) == 1 ? g.squeeze(0) : g.sum(0);
+  return r.to(input.scalar_type());
 }
 
 // Checks the canonical layout (fastgmmdiff/_checks.py): x [Gx, N, D] with Gx ∈ {1, G},

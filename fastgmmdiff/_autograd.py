@@ -23,8 +23,23 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_PREC_DIMS = {"diag": 2, "spherical": 1, "full": 3}
+
+
+def _result_shape(x, means, prec_chol, last, covariance_type):
+    """[G, N] when any input has the mixture axis G, else [N] (``last``: logits or target).
+    Canonical-layout inputs (every tensor with G) give [G, N]; see csrc/ops.h for the API
+    layout the compiled ops also take."""
+    if covariance_type not in _PREC_DIMS:
+        raise ValueError(f"covariance_type must be 'diag', 'spherical' or 'full', got {covariance_type!r}")
+    for t, nd in ((x, 3), (means, 3), (prec_chol, _PREC_DIMS[covariance_type] + 1), (last, 2)):
+        if t.dim() == nd:
+            return (t.shape[0], x.shape[-2])
+    return (x.shape[-2],)
+
+
 def _fake_fwd(x, means, prec_chol, logits, covariance_type):
-    return x.new_empty((means.shape[0], x.shape[1]), dtype=_acc(x.dtype))
+    return x.new_empty(_result_shape(x, means, prec_chol, logits, covariance_type), dtype=_acc(x.dtype))
 
 
 def _fake_bwd(grad, x, means, prec_chol, logits, logp, covariance_type):
@@ -77,7 +92,7 @@ def register_log_prob_op(fwd_name: str, bwd_name: str, fakes: bool = True, autog
 
 
 def _fake_target_fwd(x, means, prec_chol, target, covariance_type):
-    return x.new_empty((means.shape[0], x.shape[1]), dtype=_acc(x.dtype))
+    return x.new_empty(_result_shape(x, means, prec_chol, target, covariance_type), dtype=_acc(x.dtype))
 
 
 def _fake_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type):
@@ -87,3 +102,29 @@ def _fake_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type):
 def register_target_op(fwd_name: str, bwd_name: str, fakes: bool = True, autograd: bool = True) -> None:
     """Like ``register_log_prob_op`` for the one-component-per-point op pair."""
     _register(fwd_name, bwd_name, _fake_target_fwd, _fake_target_bwd, 3, fakes, autograd)
+
+
+# --- the fused NGMG of the compiled extension -------------------------------------------------
+#
+#     ngmg(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target,
+#          str covariance_type, bool normalize) -> (Tensor loss, Tensor logp)
+#     ngmg_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits,
+#                   Tensor? target, Tensor loss, Tensor logp, str covariance_type)
+#         -> (Tensor, Tensor, Tensor, Tensor)
+#
+# loss = −p̃ per point and the saved logp, both result-shaped; autograd is C++
+# (csrc/autograd.cpp).
+
+
+def _fake_ngmg(x, means, prec_chol, logits, target, covariance_type, normalize):
+    out = x.new_empty(_result_shape(x, means, prec_chol, logits, covariance_type), dtype=_acc(x.dtype))
+    return out, torch.empty_like(out)
+
+
+def _fake_ngmg_bwd(grad, x, means, prec_chol, logits, target, loss, logp, covariance_type):
+    return tuple(torch.empty_like(t) for t in (x, means, prec_chol, logits))
+
+
+def register_ngmg_fakes(fwd_name: str, bwd_name: str) -> None:
+    torch.library.register_fake(fwd_name)(_fake_ngmg)
+    torch.library.register_fake(bwd_name)(_fake_ngmg_bwd)

@@ -21,7 +21,6 @@ gradient back).  ``"tied"`` is turned into ``"full"`` with one U shared by all c
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -41,23 +40,42 @@ def validate_requested(validate: bool) -> bool:
     return bool(validate) or os.environ.get("FASTGMMDIFF_VALIDATE", "") not in ("", "0")
 
 
-@dataclass
 class Canonical:
-    x: torch.Tensor  # [Gx, N, D]
-    means: torch.Tensor  # [G, K, D]
-    prec_chol: torch.Tensor  # per covariance type, with G
-    logits: torch.Tensor  # [G, K]
-    covariance_type: str  # "diag" | "spherical" | "full"
-    out_shape: tuple  # shape of the result: (N,) or (G, N)
-    dtype: torch.dtype  # promoted dtype of the inputs (result dtype)
+    """Checked inputs: ``api`` holds them in the API layout (promoted to one dtype, "tied"
+    turned into "full" with one factor per component, G axes as the caller gave them), which
+    the compiled ops take directly (they canonicalise in C++); ``x``, ``means``, ``prec_chol``
+    and ``logits`` are the canonical views of the module docstring, made on first use."""
+
+    __slots__ = ("api", "covariance_type", "out_shape", "dtype", "G", "N", "K", "D", "batched", "_views")
+
+    def __init__(self, api, covariance_type, out_shape, dtype, G, N, K, D, batched):
+        self.api = api  # (x, means, prec_chol, logits)
+        self.covariance_type = covariance_type  # "diag" | "spherical" | "full"
+        self.out_shape = out_shape  # (N,) or (G, N)
+        self.dtype = dtype  # promoted dtype of the inputs (result dtype)
+        self.G, self.N, self.K, self.D, self.batched = G, N, K, D, batched
+        self._views = None
+
+    def _canonical(self):
+        if self._views is None:
+            x, m, p, lg = self.api
+            G, K, D = self.G, self.K, self.D
+            pd = _PREC_NDIM[self.covariance_type]
+            x = x.unsqueeze(0) if x.dim() == 2 else x
+            m = m.expand(G, K, D) if m.dim() == 2 else m
+            p = p.expand((G,) + tuple(p.shape)) if p.dim() == pd else p
+            lg = lg.expand(G, K) if lg.dim() == 1 else lg
+            self._views = (x, m, p, lg)
+        return self._views
+
+    x = property(lambda self: self._canonical()[0])  # [Gx, N, D]
+    means = property(lambda self: self._canonical()[1])  # [G, K, D]
+    prec_chol = property(lambda self: self._canonical()[2])  # per covariance type, with G
+    logits = property(lambda self: self._canonical()[3])  # [G, K]
 
     @property
-    def G(self) -> int:
-        return self.means.shape[0]
-
-    @property
-    def N(self) -> int:
-        return self.x.shape[1]
+    def device(self):
+        return self.api[0].device
 
 
 def check_covariance_type(covariance_type) -> str:
@@ -70,46 +88,54 @@ def check_covariance_type(covariance_type) -> str:
 
 
 def prepare(x, means, prec_chol, logits, covariance_type) -> Canonical:
-    """Check shapes, dtypes and devices; return the canonical layout (see module docstring)."""
+    """Check shapes, dtypes and devices (reads no values); see ``Canonical``.
+
+    Written for the latency regime: no tensor op runs unless a dtype must change or "tied"
+    must be expanded."""
     cov = check_covariance_type(covariance_type)
-    named = {"x": x, "means": means, "prec_chol": prec_chol, "logits": logits}
-    for name, t in named.items():
+    named = (("x", x), ("means", means), ("prec_chol", prec_chol), ("logits", logits))
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-    devices = {t.device for t in named.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{n} on {t.device}" for n, t in named.items())
+    dev = x.device
+    if means.device != dev or prec_chol.device != dev or logits.device != dev:
+        listing = ", ".join(f"{n} on {t.device}" for n, t in named)
         raise ValueError(f"all tensors must be on one device; got {listing}")
 
-    if means.dim() not in (2, 3):
+    md = means.dim()
+    if md not in (2, 3):
         raise ValueError(f"means must be [K, D] or [G, K, D]; got shape {_shape(means)}")
-    K, D = means.shape[-2:]
+    ms = means.shape
+    K, D = ms[-2], ms[-1]
     if K == 0:
         raise ValueError("the mixture has no components: means has K = 0 " f"(shape {_shape(means)})")
     if D == 0:
         raise ValueError(f"points must have at least one dimension: means has D = 0 (shape {_shape(means)})")
-    if x.dim() not in (2, 3) or x.shape[-1] != D:
+    xd, xs = x.dim(), x.shape
+    if xd not in (2, 3) or xs[-1] != D:
         raise ValueError(
             f"x must be [N, D] or [G, N, D] with D = {D} (from means {_shape(means)}); "
             f"got x of shape {_shape(x)}"
         )
 
     pd = _PREC_NDIM[cov]
-    expect = {
-        "diag": f"[K, D] = [{K}, {D}]",
-        "spherical": f"[K] = [{K}]",
-        "full": f"[K, D, D] = [{K}, {D}, {D}]",
-        "tied": f"[D, D] = [{D}, {D}]",
-    }[cov]
     want = {"diag": (K, D), "spherical": (K,), "full": (K, D, D), "tied": (D, D)}[cov]
-    if prec_chol.dim() not in (pd, pd + 1) or tuple(prec_chol.shape[-pd:]) != want:
+    pdim, ps = prec_chol.dim(), prec_chol.shape
+    if pdim not in (pd, pd + 1) or tuple(ps[-pd:]) != want:
+        expect = {
+            "diag": f"[K, D] = [{K}, {D}]",
+            "spherical": f"[K] = [{K}]",
+            "full": f"[K, D, D] = [{K}, {D}, {D}]",
+            "tied": f"[D, D] = [{D}, {D}]",
+        }[cov]
         raise ValueError(
             f"prec_chol for covariance_type={cov!r} must be {expect}, with an optional "
             f"leading G axis; got shape {_shape(prec_chol)} (means {_shape(means)})"
         )
-    if logits.dim() not in (1, 2) or logits.shape[-1] != K:
+    ld = logits.dim()
+    if ld not in (1, 2) or logits.shape[-1] != K:
         raise ValueError(
             f"logits must be [K] or [G, K] with K = {K} (from means {_shape(means)}); "
             f"got shape {_shape(logits)}"
@@ -117,40 +143,33 @@ def prepare(x, means, prec_chol, logits, covariance_type) -> Canonical:
 
     # The mixture-batch axis: every tensor that carries one must agree.
     gs = {}
-    if x.dim() == 3:
-        gs["x"] = x.shape[0]
-    if means.dim() == 3:
-        gs["means"] = means.shape[0]
-    if prec_chol.dim() == pd + 1:
-        gs["prec_chol"] = prec_chol.shape[0]
-    if logits.dim() == 2:
+    if xd == 3:
+        gs["x"] = xs[0]
+    if md == 3:
+        gs["means"] = ms[0]
+    if pdim == pd + 1:
+        gs["prec_chol"] = ps[0]
+    if ld == 2:
         gs["logits"] = logits.shape[0]
-    if len(set(gs.values())) > 1:
-        listing = ", ".join(f"{n} {_shape(named[n])}" for n in gs)
-        raise ValueError(f"the leading mixture-batch axis G differs between tensors: {listing}")
-    G = next(iter(gs.values())) if gs else 1
-    batched = bool(gs)
-    N = x.shape[-2]
+    G = 1
+    if gs:
+        vals = list(gs.values())
+        G = vals[0]
+        if any(v != G for v in vals):
+            listing = ", ".join(f"{n} {_shape(dict(named)[n])}" for n in gs)
+            raise ValueError(f"the mixture-batch axis G differs between tensors: {listing}")
+    N = xs[-2]
 
     dtype = x.dtype
-    for t in (means, prec_chol, logits):
-        dtype = torch.promote_types(dtype, t.dtype)
-
-    xc = x.to(dtype)
-    xc = xc.unsqueeze(0) if xc.dim() == 2 else xc
-    mc = means.to(dtype)
-    mc = mc.expand(G, K, D) if mc.dim() == 2 else mc
-    pc = prec_chol.to(dtype)
-    if pc.dim() == pd:
-        pc = pc.unsqueeze(0)
-    if cov == "tied":
-        pc = pc.unsqueeze(1).expand(pc.shape[0], K, D, D)
+    if not (means.dtype == dtype and prec_chol.dtype == dtype and logits.dtype == dtype):
+        for t in (means, prec_chol, logits):
+            dtype = torch.promote_types(dtype, t.dtype)
+        x, means, prec_chol, logits = (t.to(dtype) for t in (x, means, prec_chol, logits))
+    if cov == "tied":  # one full factor, shared by the K components
+        prec_chol = prec_chol.unsqueeze(-3).expand(tuple(ps[:-2]) + (K, D, D))
         cov = "full"
-    pc = pc.expand((G,) + tuple(pc.shape[1:]))
-    lc = logits.to(dtype)
-    lc = lc.expand(G, K) if lc.dim() == 1 else lc
-    out_shape = (G, N) if batched else (N,)
-    return Canonical(xc, mc, pc, lc, cov, out_shape, dtype)
+    out_shape = (G, N) if gs else (N,)
+    return Canonical((x, means, prec_chol, logits), cov, out_shape, dtype, G, N, K, D, bool(gs))
 
 
 def check_values(c: Canonical) -> None:

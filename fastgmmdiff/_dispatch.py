@@ -27,6 +27,9 @@ class Backend:
     op: Callable[[], Callable]  # returns the forward op (called only when available)
     target_op: Callable[[], Callable]  # the one-component-per-point forward op
     how_to_get: str
+    # True: the ops take the API layout (G axes as given; see csrc/ops.h) and return [N] or
+    # [G, N]; False: the canonical layout of _checks, returning [G, N].
+    api_layout: bool = False
 
 
 _REGISTRY: dict = {}
@@ -112,9 +115,9 @@ def _compiled(name):
 
 
 register(Backend("cpu", ("cpu",), lambda: _probe_compiled(False), _compiled("log_prob"),
-                 _compiled("log_prob_target"), _BUILD_HINT))
+                 _compiled("log_prob_target"), _BUILD_HINT, api_layout=True))
 register(Backend("cuda", ("cuda",), lambda: _probe_compiled(True), _compiled("log_prob"),
-                 _compiled("log_prob_target"), _BUILD_HINT))
+                 _compiled("log_prob_target"), _BUILD_HINT, api_layout=True))
 
 
 # --- Triton (kernels/, installed as fastgmmdiff.kernels) ---------------------------------------

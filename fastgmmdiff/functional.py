@@ -20,21 +20,27 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 def _empty_like_result(c: _checks.Canonical, shape) -> Tensor:
     # Keeps the result attached to the graph (zero gradients) when N = 0.
-    tie = c.x.sum() + c.means.sum() + c.prec_chol.sum() + c.logits.sum()
-    return c.x.new_zeros(shape, dtype=acc_dtype(c.dtype)) + 0 * tie
+    x, means, prec, logits = c.api
+    tie = x.sum() + means.sum() + prec.sum() + logits.sum()
+    return x.new_zeros(shape, dtype=acc_dtype(c.dtype)) + 0 * tie
 
 
-def _run_log_prob(c: _checks.Canonical, b: _dispatch.Backend, x, means, prec, logits) -> Tensor:
-    """log p [G, N] in the accumulation dtype, through backend ``b``'s op."""
-    return b.op()(x.contiguous(), means.contiguous(), prec.contiguous(), logits.contiguous(),
-                  c.covariance_type)
+def _run_log_prob(c: _checks.Canonical, b: _dispatch.Backend) -> Tensor:
+    """log p shaped like the result (``c.out_shape``) in the accumulation dtype, through backend
+    ``b``'s op.  Ops that take the API layout get the tensors as they are (no view ops, no
+    view nodes in the graph); the others get the canonical views."""
+    if b.api_layout:
+        return b.op()(*c.api, c.covariance_type)
+    lp = b.op()(c.x.contiguous(), c.means.contiguous(), c.prec_chol.contiguous(),
+                c.logits.contiguous(), c.covariance_type)
+    return lp if c.batched else lp.reshape(c.out_shape)
 
 
 def _setup(x, means, prec_chol, logits, covariance_type, backend, validate):
     c = _checks.prepare(x, means, prec_chol, logits, covariance_type)
     if _checks.validate_requested(validate):
         _checks.check_values(c)
-    return c, _dispatch.resolve(backend, c.x.device)
+    return c, _dispatch.resolve(backend, c.device)
 
 
 def gmm_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
@@ -70,32 +76,42 @@ def gmm_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
     c, b = _setup(x, means, prec_chol, logits, covariance_type, backend, validate)
     if c.N == 0:
         return _empty_like_result(c, c.out_shape).to(c.dtype)
-    logp = _run_log_prob(c, b, c.x, c.means, c.prec_chol, c.logits)
-    return logp.to(c.dtype).reshape(c.out_shape)
+    logp = _run_log_prob(c, b)
+    return logp if logp.dtype == c.dtype else logp.to(c.dtype)
 
 
 def _log_normalizer(c: _checks.Canonical) -> Tensor:
-    """NGMG's c per mixture: logsumexp_k(log π_k + log|U_k|) − D/2 log 2π, detached. [G]"""
+    """NGMG's c per mixture: logsumexp_k(log π_k + log|U_k|) − D/2 log 2π, detached, shaped to
+    broadcast against the result: [G, 1], or [] when no parameter has the G axis."""
     dt = acc_dtype(c.dtype)
-    prec = c.prec_chol.detach().to(dt)
-    D = c.means.shape[-1]
-    a = torch.log_softmax(c.logits.detach().to(dt), -1) + _log_det(prec, c.covariance_type, D)
-    return torch.logsumexp(a, -1) - 0.5 * D * LOG_2PI
+    _, _, prec, logits = c.api
+    prec = prec.detach().to(dt)
+    a = torch.log_softmax(logits.detach().to(dt), -1) + _log_det(prec, c.covariance_type, c.D)
+    cst = torch.logsumexp(a, -1) - 0.5 * c.D * LOG_2PI
+    return cst.unsqueeze(-1) if cst.dim() == 1 else cst
 
 
 def _targeted_log_prob(c: _checks.Canonical, b, t: Tensor, normalize: bool) -> Tensor:
     """log N(z_n; μ_t, Σ_t) for t = target[n], minus its detached log-normaliser when
     ``normalize`` (so the value is −½‖U_tᵀ(z_n − μ_t)‖²). [G, N], accumulation dtype.
 
-    The backend's target op reads only the target's component for each point."""
-    G, K, D = c.means.shape
+    The backend's target op reads only the target's component for each point.  Shaped like
+    the result (``c.out_shape``)."""
+    G, D = c.G, c.D
+    if b.api_layout:
+        x, means, prec, _ = c.api
+        lp = b.target_op()(x, means, prec, t, c.covariance_type)
+        if normalize:
+            ln = _log_det(prec.detach().to(lp.dtype), c.covariance_type, D) - 0.5 * D * LOG_2PI
+            lp = lp - (ln[t] if ln.dim() == 1 else ln.gather(1, t))
+        return lp
     tg = t.reshape(G, c.N).contiguous()
     lp = b.target_op()(c.x.contiguous(), c.means.contiguous(), c.prec_chol.contiguous(), tg,
                        c.covariance_type)
     if normalize:
         prec = c.prec_chol.detach().to(lp.dtype)
         lp = lp - (_log_det(prec, c.covariance_type, D) - 0.5 * D * LOG_2PI).gather(1, tg)
-    return lp
+    return lp.reshape(c.out_shape)
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -136,14 +152,17 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
     if target is None:
         t = None
     else:
-        t = _checks.check_target(target, c.out_shape, c.means.shape[1], c.x.device)
+        t = _checks.check_target(target, c.out_shape, c.K, c.device)
     if c.N == 0:
         loss = _empty_like_result(c, c.out_shape)
+    elif b.api_layout:  # the compiled extension's fused NGMG (loss and its epilogue in the kernel)
+        loss = torch.ops.fastgmmdiff.ngmg(*c.api, t, c.covariance_type, normalize)[0]
     elif t is None:
-        lp = _run_log_prob(c, b, c.x, c.means, c.prec_chol, c.logits)
+        lp = _run_log_prob(c, b)
         if normalize:
-            lp = lp - _log_normalizer(c)[:, None]
-        loss = -torch.exp(lp).reshape(c.out_shape)
+            lp = lp - _log_normalizer(c)
+        loss = -torch.exp(lp)
     else:
-        loss = -torch.exp(_targeted_log_prob(c, b, t, normalize)).reshape(c.out_shape)
-    return _reduce(loss, reduction).to(c.dtype)
+        loss = -torch.exp(_targeted_log_prob(c, b, t, normalize))
+    loss = _reduce(loss, reduction)
+    return loss if loss.dtype == c.dtype else loss.to(c.dtype)

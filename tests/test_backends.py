@@ -133,3 +133,66 @@ def test_torch_compile_keeps_ops_in_one_graph():
     g1 = torch.autograd.grad(out, z)[0]
     g2 = torch.autograd.grad(eager, z)[0]
     torch.testing.assert_close(g1, g2)
+
+
+def _cpu_ops():
+    if "cpu" not in fg.available_backends():
+        pytest.skip("compiled CPU kernels unavailable")
+    return torch.ops.fastgmmdiff
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
+@pytest.mark.parametrize("G", [None, 2])
+def test_opcheck_api_layout_and_fused_ngmg(cov, G):
+    """The compiled ops take the API layout (G axes as given, csrc/ops.h): opcheck on
+    unbatched and batched inputs, and on the fused NGMG op with and without a target."""
+    ops = _cpu_ops()
+    p = random_problem(cov, G, N=5, K=3, D=4, requires_grad=True)
+    if cov == "full":
+        p["prec_chol"] = p["prec_chol"].detach().triu().requires_grad_()
+    args = tuple(p[k] for k in ARGS)
+    torch.library.opcheck(ops.log_prob, (*args, cov))
+    assert ops.log_prob(*args, cov).shape == ((5,) if G is None else (G, 5))
+    target = torch.randint(0, 3, (5,) if G is None else (G, 5))
+    torch.library.opcheck(ops.log_prob_target, (*args[:3], target, cov))
+    for t in (None, target):
+        for normalize in (True, False):
+            torch.library.opcheck(ops.ngmg, (*args, t, cov, normalize))
+        loss, lp = ops.ngmg(*args, t, cov, True)
+        torch.library.opcheck(ops.ngmg_backward, (torch.randn_like(loss), *(a.detach() for a in args), t,
+                                                  loss.detach(), lp, cov))
+
+
+def test_shared_parameters_get_gradients_summed_over_mixtures():
+    """means [K, D] under x [G, N, D]: the op broadcasts in C++ and sums the gradient over G."""
+    ops = _cpu_ops()
+    p = random_problem("diag", 3, N=6, K=2, D=3, seed=5)
+    m = p["means"][0].detach().requires_grad_()
+    out = ops.log_prob(p["x"], m, p["prec_chol"], p["logits"], "diag")
+    (g,) = torch.autograd.grad(out.sum(), m)
+    m3 = m.detach().expand(3, 2, 3).clone().requires_grad_()
+    (g3,) = torch.autograd.grad(ops.log_prob(p["x"], m3, p["prec_chol"], p["logits"], "diag").sum(), m3)
+    torch.testing.assert_close(g, g3.sum(0))
+
+
+def test_second_derivative_is_a_clear_error():
+    """The compiled ops' backward is not differentiable: asking for a second derivative
+    raises instead of returning a silently wrong (constant) gradient."""
+    _cpu_ops()
+    p = random_problem("diag", None, N=6, K=2, D=3, requires_grad=True)
+    for loss in (fg.gmm_log_prob(*(p[k] for k in ARGS), backend="cpu").sum(),
+                 fg.ngmg_loss(*(p[k] for k in ARGS), backend="cpu")):
+        (gx,) = torch.autograd.grad(loss, p["x"], create_graph=True)
+        with pytest.raises(RuntimeError, match="second derivatives"):
+            torch.autograd.grad(gx.sum(), p["means"])
+
+
+def test_fused_ngmg_rejects_a_target_without_the_mixture_axis():
+    ops = _cpu_ops()
+    x, m, s, lg = torch.randn(4, 3), torch.randn(2, 3), torch.rand(2, 3) + 0.5, torch.zeros(2)
+    with pytest.raises(RuntimeError, match="target must have the mixture axis G"):
+        ops.ngmg(x, m, s, lg, torch.zeros(2, 4, dtype=torch.long), "diag", True)
+    with pytest.raises(RuntimeError, match="target holds 5"):
+        ops.ngmg(x, m, s, lg, torch.tensor([0, 1, 5, 0]), "diag", True)
+    with pytest.raises(RuntimeError, match="loss and logp must have one shape"):
+        ops.ngmg_backward(torch.ones(4), x, m, s, lg, None, torch.ones(4), torch.ones(3), "diag")

@@ -158,3 +158,32 @@ def test_ngmg_per_point_gradient_bound(seed):
         else:
             bound = torch.linalg.matrix_norm(U, ord=2).max()
         assert g.norm(dim=-1).max() <= bound * math.exp(-0.5) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("K", [16, 21])
+@pytest.mark.parametrize("G", [None, 2])
+def test_target_with_many_components(cov, K, G, seed, backend):
+    """K ≤ 16: the compiled backend's tile kernels pick the target's lanes; K > 16: its
+    gather kernels.  Both against the reference, with and without normalize."""
+    p = random_problem(cov, G, N=37, K=K, D=3, seed=seed, requires_grad=True)
+    target = torch.randint(0, K, (37,) if G is None else (G, 37))
+    for normalize in (True, False):
+        check_against_reference(p, cov, backend, "ngmg", target=target, normalize=normalize)
+
+
+@pytest.mark.parametrize("use_target", [False, True])
+def test_far_points_give_zero_loss_and_zero_gradients(use_target, backend):
+    """A point at infinity (or so far that p̃ underflows) contributes 0 and no NaN."""
+    p = random_problem("diag", None, N=6, K=3, D=2, seed=1)
+    x = p["x"].clone()
+    x[2, 0] = float("inf")
+    x[4] = 1e4
+    args = [x.requires_grad_(), *(p[k].detach().requires_grad_() for k in ARGS[1:])]
+    target = torch.tensor([0, 1, 2, 0, 1, 2]) if use_target else None
+    loss = fg.ngmg_loss(*args, target=target, reduction="none", backend=backend)
+    assert loss[2] == 0 and loss[4] == 0 and torch.all(loss[[0, 1, 3, 5]] < 0)
+    grads = torch.autograd.grad(loss.sum(), args, allow_unused=True)
+    for g in grads:
+        assert g is None or torch.isfinite(g).all()
+    assert torch.all(grads[0][[2, 4]] == 0)

@@ -14,6 +14,7 @@
 #include "../ops.h"
 #include "chunks.h"
 #include "problem.h"
+#include "target_cpu.h"
 
 namespace fastgmmdiff {
 namespace cpu {
@@ -72,16 +73,19 @@ void run_bwd(const Problem<T>& p, const T* grad, const T* logp, T* gx, const Acc
 
 struct Prepared : Canonical {
   at::Tensor logits, a;
+  Views v;
 };
 
 Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                  const at::Tensor& logits, c10::string_view covariance_type) {
   const int cov = parse_cov(covariance_type);
-  check_layout(x, means, prec, logits, cov);
+  Views v = canonical_views(x, means, prec, logits, cov, false);
+  check_layout(v.x, v.means, v.prec, v.last, cov);
   FGD_CHECK(x.device().is_cpu(), "the CPU kernels got tensors on ", x.device());
   Prepared r;
-  static_cast<Canonical&>(r) = canonical(x, means, prec, cov);
-  r.logits = logits.to(r.x.scalar_type()).contiguous();
+  static_cast<Canonical&>(r) = canonical(v.x, v.means, v.prec, cov);
+  r.logits = v.last.to(r.x.scalar_type()).contiguous();
+  r.v = v;
   r.a = at::empty({r.G, r.K}, r.x.options());
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_component_const", [&] {
     component_consts(r.logits.data_ptr<scalar_t>(), r.prec.data_ptr<scalar_t>(), r.cov, r.G, r.K, r.D,
@@ -106,33 +110,66 @@ int64_t work_per_item(const Prepared& r) {
   return kTile * r.K * per_k * ((r.Gx == 1 && r.G > 1) ? r.G : 1);
 }
 
-}  // namespace
+// Optional inputs of the fused NGMG (see Problem): target [G, N] (canonical, int64), and in
+// backward the per-point scale of the upstream gradient (the saved loss).
+struct Fused {
+  at::Tensor target, scale;
+  bool ngmg = false;  // forward: also write the loss
+  bool normalize = true;
+};
 
-at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-                        const at::Tensor& logits, c10::string_view covariance_type) {
-  Prepared r = prepare(x, means, prec, logits, covariance_type);
+// log p (or a_t − ½q_t with a target) [G, N] and, for the fused NGMG, the loss [G, N].
+std::tuple<at::Tensor, at::Tensor> forward_impl(Prepared& r, const Fused& f) {
   at::Tensor out = at::empty({r.G, r.N}, r.x.options());
+  at::Tensor loss = f.ngmg ? at::empty({r.G, r.N}, r.x.options()) : at::Tensor();
   const int64_t items = n_items(r);
-  if (items == 0) return out;
+  if (items == 0) return {out, loss};
+  const bool has_t = f.target.defined();
   // Threads only when each gets ≥ ~2^18 element-operations: below that, waking the pool costs
   // more than it saves (the latency-regime workloads).
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, work_per_item(r)));
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_cpu", [&] {
-    const Problem<scalar_t> p = problem<scalar_t>(r);
+    Problem<scalar_t> p = problem<scalar_t>(r);
+    std::vector<scalar_t> cshift;
+    if (has_t) {
+      // a_t: the target component's log-normaliser, or 0 for the normalised p̃ (SPEC §2).
+      scalar_t* a = r.a.data_ptr<scalar_t>();
+      if (f.normalize)
+        std::fill(a, a + r.G * r.K, scalar_t(0));
+      else
+        component_consts<scalar_t>(nullptr, r.prec.data_ptr<scalar_t>(), r.cov, r.G, r.K, r.D, a);
+      p.target = f.target.data_ptr<int64_t>();
+    }
+    if (f.ngmg) {
+      // c_g = logsumexp_k a_gk (no target, normalised), else 0.
+      cshift.assign(r.G, scalar_t(0));
+      if (!has_t && f.normalize) {
+        const scalar_t* a = r.a.data_ptr<scalar_t>();
+        for (int64_t g = 0; g < r.G; ++g) {
+          scalar_t m = -std::numeric_limits<scalar_t>::infinity(), sum = 0;
+          for (int64_t k = 0; k < r.K; ++k) m = std::max(m, a[g * r.K + k]);
+          for (int64_t k = 0; k < r.K; ++k) sum += std::exp(a[g * r.K + k] - m);
+          cshift[g] = m + std::log(sum);
+        }
+      }
+      p.loss = loss.data_ptr<scalar_t>();
+      p.cshift = cshift.data();
+    }
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) { run_fwd(p, o, b, e); });
   });
-  return out;
+  return {out, loss};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-    const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
-  Prepared r = prepare(x, means, prec, logits, covariance_type);
-  check_grad_logp(grad, logp, r.G, r.N);
+// Gradients on the canonical layout; fitted to the inputs' shapes by the callers.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(const Prepared& r, const at::Tensor& grad,
+                                                                         const at::Tensor& logp, const Fused& f) {
+  check_grad_logp(canonical_rows(grad, r.v), canonical_rows(logp, r.v), r.G, r.N);
   const auto acc = r.x.scalar_type();
-  at::Tensor g = grad.to(acc).contiguous();
-  at::Tensor lp = logp.to(acc).contiguous();
+  at::Tensor g = canonical_rows(grad, r.v).to(acc).contiguous();
+  at::Tensor lp = canonical_rows(logp, r.v).to(acc).contiguous();
+  at::Tensor sc = f.scale.defined() ? canonical_rows(f.scale, r.v).to(acc).contiguous() : at::Tensor();
+  if (sc.defined()) check_grad_logp(sc, lp, r.G, r.N);
   at::Tensor gx = at::empty_like(r.x);
   const int64_t items = n_items(r);
   const bool shared = r.Gx == 1 && r.G > 1;
@@ -147,7 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu
   // The parameter-gradient epilogue is plain loops (G·K·D work): at the latency-regime sizes
   // a dozen ATen calls here cost more than the kernel.
   AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_backward_cpu", [&] {
-    const Problem<scalar_t> p = problem<scalar_t>(r);
+    Problem<scalar_t> p = problem<scalar_t>(r);
+    if (f.target.defined()) p.target = f.target.data_ptr<int64_t>();
+    if (sc.defined()) p.scale = sc.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* lpp = lp.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
@@ -158,15 +197,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu
     sums.fold();
     finish_param_grads(sums, r.prec.data_ptr<scalar_t>(), r.cov, gmu.data_ptr<scalar_t>(),
                        gprec.data_ptr<scalar_t>());
+    scalar_t* gl = glog.data_ptr<scalar_t>();
+    if (p.target != nullptr) {  // the mixture weights do not enter a targeted NGMG
+      std::fill(gl, gl + r.G * r.K, scalar_t(0));
+      return;
+    }
     // logits: W_k − π_k Σ_n g_n over the live rows (π = softmax(logits), a_k holds log π_k
     // plus a constant per k, so π is recomputed from the logits here).
     const scalar_t* W = sums.W(0);
     const scalar_t* lg = r.logits.data_ptr<scalar_t>();
-    scalar_t* gl = glog.data_ptr<scalar_t>();
     for (int64_t gg = 0; gg < r.G; ++gg) {
       scalar_t gsum = 0;
-      for (int64_t n = 0; n < r.N; ++n)
-        if (std::isfinite(lpp[gg * r.N + n])) gsum += gp[gg * r.N + n];
+      for (int64_t n = 0; n < r.N; ++n) {
+        const int64_t i = gg * r.N + n;
+        if (std::isfinite(lpp[i])) gsum += p.scale != nullptr ? gp[i] * p.scale[i] : gp[i];
+      }
       const scalar_t* l = lg + gg * r.K;
       scalar_t m = -std::numeric_limits<scalar_t>::infinity(), z = 0;
       for (int64_t k = 0; k < r.K; ++k) m = std::max(m, l[k]);
@@ -175,8 +220,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu
         gl[gg * r.K + k] = W[gg * r.K + k] - std::exp(l[k] - m) / z * gsum;
     }
   });
-  return {gx.to(x.scalar_type()), gmu.to(means.scalar_type()), gprec.to(prec.scalar_type()),
-          glog.to(logits.scalar_type())};
+  return {gx, gmu, gprec, glog};
+}
+
+// Components up to which the fused NGMG with a target evaluates every component on a tile and
+// keeps the target's lanes (vectorised, K× the arithmetic); above it, the gather kernels of
+// target_cpu.cpp (scalar, one component per point).
+constexpr int64_t kTargetTileMaxK = 16;
+
+}  // namespace
+
+at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                        const at::Tensor& logits, c10::string_view covariance_type) {
+  Prepared r = prepare(x, means, prec, logits, covariance_type);
+  return api_rows(std::get<0>(forward_impl(r, Fused{})), r.v);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+    const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
+  Prepared r = prepare(x, means, prec, logits, covariance_type);
+  auto gr = backward_impl(r, grad, logp, Fused{});
+  return {fit_grad(std::get<0>(gr), x), fit_grad(std::get<1>(gr), means), fit_grad(std::get<2>(gr), prec),
+          fit_grad(std::get<3>(gr), logits)};
+}
+
+namespace {
+
+// The canonical target [G, N] for prepared inputs r (the Python API gives it the result's shape).
+at::Tensor canonical_target(const Prepared& r, const at::Tensor& target, const at::Tensor& x,
+                            const at::Tensor& means, const at::Tensor& prec) {
+  const Views vt = canonical_views(x, means, prec, target, r.cov, true);
+  FGD_CHECK(vt.batched == r.v.batched && vt.G == r.G,
+            "target must have the mixture axis G exactly when the other inputs do; got target ",
+            target.sizes(), " for G = ", r.G);
+  check_target(vt.last, r.G, r.N, x);
+  at::Tensor t = vt.last.contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t i = 0, n = t.numel(); i < n; ++i)
+    FGD_CHECK(tp[i] >= 0 && tp[i] < r.K, "target holds ", tp[i], ", outside the component range [0, ", r.K, ")");
+  return t;
+}
+
+bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> ngmg_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                                            const at::Tensor& logits, const c10::optional<at::Tensor>& target,
+                                            c10::string_view covariance_type, bool normalize) {
+  Prepared r = prepare(x, means, prec, logits, covariance_type);
+  if (has(target) && r.K > kTargetTileMaxK) {
+    // Many components: gather the target's (log_prob_target), then the loss in a loop.
+    at::Tensor lt = log_prob_target_cpu(x, means, prec, *target, covariance_type);
+    const at::Tensor t = canonical_target(r, *target, x, means, prec);
+    at::Tensor lp = canonical_rows(lt, r.v).contiguous();
+    at::Tensor loss = at::empty_like(lp);
+    AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "fastgmmdiff_ngmg_target_cpu", [&] {
+      std::vector<scalar_t> c(r.G * r.K, scalar_t(0));
+      if (normalize)
+        component_consts<scalar_t>(nullptr, r.prec.data_ptr<scalar_t>(), r.cov, r.G, r.K, r.D, c.data());
+      scalar_t* l = lp.data_ptr<scalar_t>();
+      scalar_t* o = loss.data_ptr<scalar_t>();
+      const int64_t* tp = t.data_ptr<int64_t>();
+      FlushDenormals ftz;
+      for (int64_t i = 0; i < r.G * r.N; ++i) {
+        l[i] -= c[(i / r.N) * r.K + tp[i]];
+        o[i] = -std::exp(l[i]);
+      }
+    });
+    return {api_rows(loss, r.v), api_rows(lp, r.v)};
+  }
+  Fused f;
+  f.ngmg = true;
+  f.normalize = normalize;
+  if (has(target)) f.target = canonical_target(r, *target, x, means, prec);
+  auto res = forward_impl(r, f);
+  return {api_rows(std::get<1>(res), r.v), api_rows(std::get<0>(res), r.v)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngmg_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+    const at::Tensor& logits, const c10::optional<at::Tensor>& target, const at::Tensor& loss,
+    const at::Tensor& logp, c10::string_view covariance_type) {
+  Prepared r = prepare(x, means, prec, logits, covariance_type);
+  FGD_CHECK(loss.sizes() == logp.sizes(), "loss and logp must have one shape, got ", loss.sizes(), " and ",
+            logp.sizes());
+  if (has(target) && r.K > kTargetTileMaxK) {
+    auto gr = log_prob_target_backward_cpu(grad * loss, x, means, prec, *target, logp, covariance_type);
+    return {std::get<0>(gr), std::get<1>(gr), std::get<2>(gr), at::zeros_like(logits)};
+  }
+  Fused f;
+  f.scale = loss;
+  if (has(target)) f.target = canonical_target(r, *target, x, means, prec);
+  auto gr = backward_impl(r, grad, logp, f);
+  return {fit_grad(std::get<0>(gr), x), fit_grad(std::get<1>(gr), means), fit_grad(std::get<2>(gr), prec),
+          fit_grad(std::get<3>(gr), logits)};
 }
 
 const char* isa_name() {
@@ -193,4 +332,6 @@ const char* isa_name() {
 TORCH_LIBRARY_IMPL(fastgmmdiff, CPU, m) {
   m.impl("log_prob", &fastgmmdiff::cpu::log_prob_cpu);
   m.impl("log_prob_backward", &fastgmmdiff::cpu::log_prob_backward_cpu);
+  m.impl("ngmg", &fastgmmdiff::cpu::ngmg_cpu);
+  m.impl("ngmg_backward", &fastgmmdiff::cpu::ngmg_backward_cpu);
 }

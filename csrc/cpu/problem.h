@@ -5,6 +5,9 @@
 #pragma once
 
 #include <cstdint>
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 namespace fastgmmdiff {
 namespace cpu {
@@ -19,6 +22,14 @@ constexpr int kTile = 64;
 //   x [Gx, N, D] (Gx == 1: shared by all G mixtures), means [G, K, D],
 //   prec diag [G, K, D] | spherical [G, K] | full [G, K, D, D] (upper triangle read),
 //   a [G, K] = log π_k + Σ_d log U_k[d,d] − D/2 log 2π.
+//
+// Fused NGMG (SPEC §2; all optional, null when unused):
+//   target [G, N]: one component per point: forward gives a_t − ½q_t, backward takes r = 1 for
+//     the target and 0 elsewhere (the callers set a_k to the component's log-normaliser, or to
+//     0 for the normalised p̃);
+//   loss (fwd output, [G, N]) = −exp(out − cshift[g]), the per-point NGMG loss;
+//   scale (bwd input, [G, N]): the upstream gradient of log p is grad·scale (scale = the loss:
+//     ∂(−exp(log p − c))/∂log p = −p̃).
 template <typename T>
 struct Problem {
   int64_t G, Gx, N, K, D;
@@ -27,6 +38,10 @@ struct Problem {
   const T* means;
   const T* prec;
   const T* a;
+  const int64_t* target = nullptr;
+  T* loss = nullptr;
+  const T* cshift = nullptr;
+  const T* scale = nullptr;
 };
 
 // Backward accumulators for one range of work: Σ_n of w Λ z (gmu), of w z² / w‖z‖² / w z yᵀ
@@ -36,6 +51,18 @@ struct Accum {
   T* gmu;
   T* gS;
   T* W;
+};
+
+// Denormals: products like w·z with w = g·r ≈ 1e-38 are denormal, and on many x86 cores every
+// denormal operand or result costs a microcode assist (10–100× slower).  The kernels run with
+// flush-to-zero and denormals-are-zero set, restoring the caller's MXCSR on exit; values that
+// small are below float32's resolution of every sum they enter.
+struct FlushDenormals {
+#if defined(__x86_64__)
+  unsigned int saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
 };
 
 // Work items: batched x (Gx == G): item i = (g = i / tiles, tile = i % tiles);

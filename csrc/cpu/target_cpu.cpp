@@ -15,6 +15,8 @@
 
 #include "../ops.h"
 #include "chunks.h"
+#include "problem.h"
+#include "target_cpu.h"
 
 namespace fastgmmdiff {
 namespace cpu {
@@ -22,17 +24,20 @@ namespace {
 
 struct TPrepared : Canonical {
   at::Tensor target, c;
+  Views v;
 };
 
 TPrepared tprepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                    const at::Tensor& target, c10::string_view covariance_type) {
   const int cov = parse_cov(covariance_type);
-  check_points_and_params(x, means, prec, cov);
+  Views v = canonical_views(x, means, prec, target, cov, true);
+  check_points_and_params(v.x, v.means, v.prec, cov);
   FGD_CHECK(x.device().is_cpu(), "the CPU kernels got tensors on ", x.device());
   TPrepared r;
-  static_cast<Canonical&>(r) = canonical(x, means, prec, cov);
-  check_target(target, r.G, r.N, x);
-  r.target = target.contiguous();
+  static_cast<Canonical&>(r) = canonical(v.x, v.means, v.prec, cov);
+  check_target(v.last, r.G, r.N, x);
+  r.target = v.last.contiguous();
+  r.v = v;
   const int64_t* t = r.target.data_ptr<int64_t>();
   for (int64_t i = 0, n = r.target.numel(); i < n; ++i)
     FGD_CHECK(t[i] >= 0 && t[i] < r.K, "target holds ", t[i], ", outside the component range [0, ", r.K, ")");
@@ -78,7 +83,7 @@ at::Tensor log_prob_target_cpu(const at::Tensor& x, const at::Tensor& means, con
                                const at::Tensor& target, c10::string_view covariance_type) {
   TPrepared r = tprepare(x, means, prec, target, covariance_type);
   at::Tensor out = at::empty({r.G, r.N}, r.x.options());
-  if (r.N == 0) return out;
+  if (r.N == 0) return api_rows(out, r.v);
   const int64_t ps = prec_stride(r.cov, r.D);
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_target_cpu", [&] {
     const scalar_t *xp = r.x.data_ptr<scalar_t>(), *mp = r.means.data_ptr<scalar_t>(),
@@ -87,6 +92,7 @@ at::Tensor log_prob_target_cpu(const at::Tensor& x, const at::Tensor& means, con
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, ps + r.D));
     at::parallel_for(0, r.G * r.N, grain, [&](int64_t b, int64_t e) {
+      FlushDenormals ftz;
       std::vector<scalar_t> y(r.cov == kFull ? r.D : 1);
       for (int64_t i = b; i < e; ++i) {
         const int64_t g = i / r.N, n = i % r.N, gk = g * r.K + tp[i];
@@ -96,16 +102,16 @@ at::Tensor log_prob_target_cpu(const at::Tensor& x, const at::Tensor& means, con
       }
     });
   });
-  return out;
+  return api_rows(out, r.v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& target, const at::Tensor& logp, c10::string_view covariance_type) {
   TPrepared r = tprepare(x, means, prec, target, covariance_type);
-  check_grad_logp(grad, logp, r.G, r.N);
+  check_grad_logp(canonical_rows(grad, r.v), canonical_rows(logp, r.v), r.G, r.N);
   const auto acc = r.x.scalar_type();
-  at::Tensor g = grad.to(acc).contiguous(), lp = logp.to(acc).contiguous();
+  at::Tensor g = canonical_rows(grad, r.v).to(acc).contiguous(), lp = canonical_rows(logp, r.v).to(acc).contiguous();
   const bool shared = r.Gx == 1 && r.G > 1;
   at::Tensor gx = at::zeros_like(r.x);
   const int64_t ps = prec_stride(r.cov, r.D);
@@ -127,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
         scalar_t* gm = sums.gmu(buf);
         scalar_t* gs = sums.gS(buf);
         scalar_t* gw = sums.W(buf);
+        FlushDenormals ftz;
         std::vector<scalar_t> y(D), z(D), uy(D);
         for (int64_t it = b; it < e; ++it) {
           const int64_t g0 = shared ? 0 : it / r.N, g1 = shared ? r.G : g0 + 1;
@@ -177,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
     finish_param_grads(sums, r.prec.data_ptr<scalar_t>(), r.cov, gmu_out.data_ptr<scalar_t>(),
                        gprec.data_ptr<scalar_t>());
   });
-  return {gx.to(x.scalar_type()), gmu_out.to(means.scalar_type()), gprec.to(prec.scalar_type())};
+  return {fit_grad(gx, x), fit_grad(gmu_out, means), fit_grad(gprec, prec)};
 }
 
 }  // namespace cpu

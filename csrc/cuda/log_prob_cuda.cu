@@ -334,12 +334,13 @@ int block_for(int64_t N) {
 at::Tensor log_prob_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                          const at::Tensor& logits, c10::string_view covariance_type) {
   const int cov = parse_cov(covariance_type);
-  check_layout(x, means, prec, logits, cov);
+  const Views v = canonical_views(x, means, prec, logits, cov, false);
+  check_layout(v.x, v.means, v.prec, v.last, cov);
   const c10::cuda::CUDAGuard guard(x.device());
-  Prep r = prep(x, means, prec, cov);
-  at::Tensor a = component_const(r.prec, logits.to(r.x.scalar_type()), cov, r.D);
+  Prep r = prep(v.x, v.means, v.prec, cov);
+  at::Tensor a = component_const(r.prec, v.last.to(r.x.scalar_type()), cov, r.D);
   at::Tensor out = at::empty({r.G, r.N}, r.x.options());
-  if (r.N == 0) return out;
+  if (r.N == 0) return api_rows(out, v);
   const int B = block_for(r.N);
   const int64_t tiles = (r.N + B - 1) / B;
   const dim3 grid(static_cast<unsigned>(tiles * r.G));
@@ -353,22 +354,23 @@ at::Tensor log_prob_cuda(const at::Tensor& x, const at::Tensor& means, const at:
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return out;
+  return api_rows(out, v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
   const int cov = parse_cov(covariance_type);
-  check_layout(x, means, prec, logits, cov);
+  const Views v = canonical_views(x, means, prec, logits, cov, false);
+  check_layout(v.x, v.means, v.prec, v.last, cov);
   const c10::cuda::CUDAGuard guard(x.device());
-  Prep r = prep(x, means, prec, cov);
-  check_grad_logp(grad, logp, r.G, r.N);
+  Prep r = prep(v.x, v.means, v.prec, cov);
+  check_grad_logp(canonical_rows(grad, v), canonical_rows(logp, v), r.G, r.N);
   const auto acc = r.x.scalar_type();
-  at::Tensor lg = logits.to(acc).contiguous();
+  at::Tensor lg = v.last.to(acc).contiguous();
   at::Tensor a = component_const(r.prec, lg, cov, r.D);
   at::Tensor pi = at::softmax(lg, -1).contiguous();
-  at::Tensor g = grad.to(acc).contiguous(), lp = logp.to(acc).contiguous();
+  at::Tensor g = canonical_rows(grad, v).to(acc).contiguous(), lp = canonical_rows(logp, v).to(acc).contiguous();
   at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
   at::Tensor glog = at::zeros_like(lg);
   if (r.N > 0) {
@@ -397,22 +399,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cud
     });
   }
   if (cov == kFull) gprec = gprec.triu();
-  return {gx.to(x.scalar_type()), gmu.to(means.scalar_type()), gprec.to(prec.scalar_type()),
-          glog.to(logits.scalar_type())};
+  return {fit_grad(gx, x), fit_grad(gmu, means), fit_grad(gprec, prec), fit_grad(glog, logits)};
 }
 
 at::Tensor log_prob_target_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                                 const at::Tensor& target, c10::string_view covariance_type) {
   const int cov = parse_cov(covariance_type);
-  check_points_and_params(x, means, prec, cov);
+  const Views v = canonical_views(x, means, prec, target, cov, true);
+  check_points_and_params(v.x, v.means, v.prec, cov);
   const c10::cuda::CUDAGuard guard(x.device());
-  Prep r = prep(x, means, prec, cov);
-  check_target(target, r.G, r.N, x);
-  at::Tensor t = target.contiguous();
+  Prep r = prep(v.x, v.means, v.prec, cov);
+  check_target(v.last, r.G, r.N, x);
+  at::Tensor t = v.last.contiguous();
   at::Tensor c = component_lognorm(r.prec, cov, r.D);
   at::Tensor out = at::empty({r.G, r.N}, r.x.options());
   const int64_t total = r.G * r.N;
-  if (total == 0) return out;
+  if (total == 0) return api_rows(out, v);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_target_cuda", [&] {
     FGD_DISPATCH_COV(cov, [&] {
@@ -423,20 +425,22 @@ at::Tensor log_prob_target_cuda(const at::Tensor& x, const at::Tensor& means, co
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return out;
+  return api_rows(out, v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& target, const at::Tensor& logp, c10::string_view covariance_type) {
   const int cov = parse_cov(covariance_type);
-  check_points_and_params(x, means, prec, cov);
+  const Views v = canonical_views(x, means, prec, target, cov, true);
+  check_points_and_params(v.x, v.means, v.prec, cov);
   const c10::cuda::CUDAGuard guard(x.device());
-  Prep r = prep(x, means, prec, cov);
-  check_target(target, r.G, r.N, x);
-  check_grad_logp(grad, logp, r.G, r.N);
+  Prep r = prep(v.x, v.means, v.prec, cov);
+  check_target(v.last, r.G, r.N, x);
+  check_grad_logp(canonical_rows(grad, v), canonical_rows(logp, v), r.G, r.N);
   const auto acc = r.x.scalar_type();
-  at::Tensor t = target.contiguous(), g = grad.to(acc).contiguous(), lp = logp.to(acc).contiguous();
+  at::Tensor t = v.last.contiguous(), g = canonical_rows(grad, v).to(acc).contiguous(),
+             lp = canonical_rows(logp, v).to(acc).contiguous();
   at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
   const int64_t total = r.G * r.N;
   if (total > 0) {
@@ -452,7 +456,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
       });
     });
   }
-  return {gx.to(x.scalar_type()), gmu.to(means.scalar_type()), gprec.to(prec.scalar_type())};
+  return {fit_grad(gx, x), fit_grad(gmu, means), fit_grad(gprec, prec)};
+}
+
+// Fused NGMG on CUDA: the log-density ops above plus an element-wise epilogue in ATen (the
+// CPU build fuses the epilogue into its kernels).  Same contract as the CPU op (ops.cpp).
+std::tuple<at::Tensor, at::Tensor> ngmg_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                                             const at::Tensor& logits, const c10::optional<at::Tensor>& target,
+                                             c10::string_view covariance_type, bool normalize) {
+  constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+  const int cov = parse_cov(covariance_type);
+  const int64_t D = means.size(-1);
+  at::Tensor lp;
+  if (target.has_value() && target->defined()) {
+    lp = log_prob_target_cuda(x, means, prec, *target, covariance_type);
+    if (normalize) {
+      at::Tensor ln = log_det(prec.to(lp.scalar_type()), cov, D).sub_(0.5 * D * kLog2Pi);
+      lp = lp - (ln.dim() == 1 ? ln.index({*target}) : ln.gather(1, *target));
+    }
+  } else {
+    lp = log_prob_cuda(x, means, prec, logits, covariance_type);
+    if (normalize) {
+      at::Tensor a = at::log_softmax(logits.to(lp.scalar_type()), -1) + log_det(prec.to(lp.scalar_type()), cov, D);
+      at::Tensor c = at::logsumexp(a, {-1}).sub_(0.5 * D * kLog2Pi);
+      lp = lp - (c.dim() == 1 ? c.unsqueeze(-1) : c);
+    }
+  }
+  return {-lp.exp(), lp};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngmg_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+    const at::Tensor& logits, const c10::optional<at::Tensor>& target, const at::Tensor& loss,
+    const at::Tensor& logp, c10::string_view covariance_type) {
+  const at::Tensor gl = grad * loss;  // ∂(−exp(log p − c))/∂log p = −p̃ = loss
+  if (target.has_value() && target->defined()) {
+    auto r = log_prob_target_backward_cuda(gl, x, means, prec, *target, logp, covariance_type);
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), at::zeros_like(logits)};
+  }
+  return log_prob_backward_cuda(gl, x, means, prec, logits, logp, covariance_type);
 }
 
 }  // namespace cuda
@@ -463,4 +505,6 @@ TORCH_LIBRARY_IMPL(fastgmmdiff, CUDA, m) {
   m.impl("log_prob_backward", &fastgmmdiff::cuda::log_prob_backward_cuda);
   m.impl("log_prob_target", &fastgmmdiff::cuda::log_prob_target_cuda);
   m.impl("log_prob_target_backward", &fastgmmdiff::cuda::log_prob_target_backward_cuda);
+  m.impl("ngmg", &fastgmmdiff::cuda::ngmg_cuda);
+  m.impl("ngmg_backward", &fastgmmdiff::cuda::ngmg_backward_cuda);
 }

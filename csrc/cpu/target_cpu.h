@@ -1,0 +1,21 @@
+// CPU entry points of the one-component-per-point ops (target_cpu.cpp), also used by the
+// fused NGMG (log_prob_cpu.cpp) when K is large.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <tuple>
+
+namespace fastgmmdiff {
+namespace cpu {
+
+at::Tensor log_prob_target_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                               const at::Tensor& target, c10::string_view covariance_type);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+    const at::Tensor& target, const at::Tensor& logp, c10::string_view covariance_type);
+
+}  // namespace cpu
+}  // namespace fastgmmdiff
