@@ -65,35 +65,11 @@ struct ChunkPlan {
   }
 };
 
-// a_k = log π_k + Σ_d log U_k[d,d] − D/2 log 2π for G·K components into a [G, K] (without
-// the log π_k term when logits is null), in a plain loop: at the latency-regime sizes this is
-// cheaper than the four ATen calls of ops.h's component_const.
-template <typename T>
-void component_consts(const T* logits, const T* prec, int cov, int64_t G, int64_t K, int64_t D, T* a) {
-  const int64_t ps = cov == kDiag ? D : cov == kSpherical ? 1 : D * D;
-  const T half_d_log2pi = T(0.5 * 1.8378770664093454835606594728112) * T(D);
-  for (int64_t g = 0; g < G; ++g) {
-    T lse = 0;
-    if (logits != nullptr) {
-      const T* l = logits + g * K;
-      T m = -std::numeric_limits<T>::infinity(), sum = 0;
-      for (int64_t k = 0; k < K; ++k) m = std::max(m, l[k]);
-      for (int64_t k = 0; k < K; ++k) sum += std::exp(l[k] - m);
-      lse = m + std::log(sum);
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const T* u = prec + (g * K + k) * ps;
-      T ld = 0;
-      if (cov == kDiag)
-        for (int64_t d = 0; d < D; ++d) ld += std::log(u[d]);
-      else if (cov == kSpherical)
-        ld = T(D) * std::log(u[0]);
-      else
-        for (int64_t d = 0; d < D; ++d) ld += std::log(u[d * D + d]);
-      a[g * K + k] = (logits != nullptr ? logits[g * K + k] - lse : T(0)) + ld - half_d_log2pi;
-    }
-  }
-}
+// a [G, K] = log π_k + Σ_d log U_k[d,d] − D/2 log 2π (no log π_k term when logits is
+// undefined), and lse [G] = logsumexp_k logits when asked for; vectorised kernels
+// (log_prob_cpu.cpp).  prec and logits canonical and contiguous, in the accumulation dtype.
+at::Tensor component_consts_t(const at::Tensor& logits, const at::Tensor& prec, int cov, int64_t G, int64_t K,
+                              int64_t D, at::Tensor* lse = nullptr);
 
 // The backward's parameter sums, one set per buffer of a ChunkPlan, in one zeroed allocation
 // (one ATen call instead of three): per set, Σ w Λ z [G, K, D], the prec sums shaped like prec

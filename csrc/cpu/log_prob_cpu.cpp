@@ -71,8 +71,30 @@ void run_bwd(const Problem<T>& p, const T* grad, const T* logp, T* gx, const Acc
   }
 }
 
+template <typename T>
+void run_consts(const T* lg, const T* pr, int cov, int64_t G, int64_t K, int64_t D, T* a, T* lse) {
+  switch (current_isa()) {
+#if defined(__x86_64__)
+    case kAvx512: return avx512::consts(lg, pr, cov, G, K, D, a, lse);
+    case kAvx2: return avx2::consts(lg, pr, cov, G, K, D, a, lse);
+#endif
+    default: return baseline::consts(lg, pr, cov, G, K, D, a, lse);
+  }
+}
+
+template <typename T>
+void run_exp_rows(const T* x, const T* c, int64_t G, int64_t K, T* out) {
+  switch (current_isa()) {
+#if defined(__x86_64__)
+    case kAvx512: return avx512::exp_rows(x, c, G, K, out);
+    case kAvx2: return avx2::exp_rows(x, c, G, K, out);
+#endif
+    default: return baseline::exp_rows(x, c, G, K, out);
+  }
+}
+
 struct Prepared : Canonical {
-  at::Tensor logits, a;
+  at::Tensor logits, a, lse;  // a [G, K], lse [G] = logsumexp_k logits
   Views v;
 };
 
@@ -86,11 +108,7 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor&
   static_cast<Canonical&>(r) = canonical(v.x, v.means, v.prec, cov);
   r.logits = v.last.to(r.x.scalar_type()).contiguous();
   r.v = v;
-  r.a = at::empty({r.G, r.K}, r.x.options());
-  AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_component_const", [&] {
-    component_consts(r.logits.data_ptr<scalar_t>(), r.prec.data_ptr<scalar_t>(), r.cov, r.G, r.K, r.D,
-                     r.a.data_ptr<scalar_t>());
-  });
+  r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
   return r;
 }
 
@@ -100,7 +118,10 @@ Problem<T> problem(const Prepared& r) {
                     r.x.data_ptr<T>(), r.means.data_ptr<T>(), r.prec.data_ptr<T>(), r.a.data_ptr<T>()};
 }
 
+bool row_tiles(const Prepared& r) { return use_row_tiles(r.cov, r.G, r.Gx, r.N, r.K, r.D); }
+
 int64_t n_items(const Prepared& r) {
+  if (row_tiles(r)) return (r.G * r.N + kTile - 1) / kTile;
   const int64_t tiles = (r.N + kTile - 1) / kTile;
   return (r.Gx == 1 && r.G > 1) ? tiles : r.G * tiles;
 }
@@ -108,6 +129,21 @@ int64_t n_items(const Prepared& r) {
 int64_t work_per_item(const Prepared& r) {
   const int64_t per_k = r.cov == kFull ? r.D * (r.D + 3) / 2 : r.D;
   return kTile * r.K * per_k * ((r.Gx == 1 && r.G > 1) ? r.G : 1);
+}
+
+// logsumexp over the last axis of a [G, K] tensor (vectorised: the consts kernel with these
+// as logits and no precision term would also add log-determinants, so it is done directly).
+at::Tensor logsumexp_rows(const at::Tensor& a) {
+  const int64_t G = a.size(0), K = a.size(1);
+  at::Tensor out = at::empty({G}, a.options());
+  at::Tensor scratch = at::empty({G, K}, a.options());
+  at::Tensor ones = at::ones({G, K}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastgmmdiff_logsumexp_rows", [&] {
+    // consts with spherical "precisions" of 1 (log 1 = 0, D = 0): scratch = a − lse, out = lse.
+    run_consts(a.data_ptr<scalar_t>(), ones.data_ptr<scalar_t>(), kSpherical, G, K, int64_t{0},
+               scratch.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+  });
+  return out;
 }
 
 // Optional inputs of the fused NGMG (see Problem): target [G, N] (canonical, int64), and in
@@ -128,32 +164,20 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(Prepared& r, const Fused& f) {
   // Threads only when each gets ≥ ~2^18 element-operations: below that, waking the pool costs
   // more than it saves (the latency-regime workloads).
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, work_per_item(r)));
+  // a_t with a target: the target component's log-normaliser, or 0 for the normalised p̃
+  // (SPEC §2).
+  if (has_t)
+    r.a = f.normalize ? at::zeros_like(r.a) : component_consts_t(at::Tensor(), r.prec, r.cov, r.G, r.K, r.D);
+  // The fused NGMG's c_g = logsumexp_k a_gk (no target, normalised), else 0.
+  at::Tensor cshift;
+  if (f.ngmg)
+    cshift = (!has_t && f.normalize) ? logsumexp_rows(r.a) : at::zeros({r.G}, r.a.options());
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_cpu", [&] {
     Problem<scalar_t> p = problem<scalar_t>(r);
-    std::vector<scalar_t> cshift;
-    if (has_t) {
-      // a_t: the target component's log-normaliser, or 0 for the normalised p̃ (SPEC §2).
-      scalar_t* a = r.a.data_ptr<scalar_t>();
-      if (f.normalize)
-        std::fill(a, a + r.G * r.K, scalar_t(0));
-      else
-        component_consts<scalar_t>(nullptr, r.prec.data_ptr<scalar_t>(), r.cov, r.G, r.K, r.D, a);
-      p.target = f.target.data_ptr<int64_t>();
-    }
+    if (has_t) p.target = f.target.data_ptr<int64_t>();
     if (f.ngmg) {
-      // c_g = logsumexp_k a_gk (no target, normalised), else 0.
-      cshift.assign(r.G, scalar_t(0));
-      if (!has_t && f.normalize) {
-        const scalar_t* a = r.a.data_ptr<scalar_t>();
-        for (int64_t g = 0; g < r.G; ++g) {
-          scalar_t m = -std::numeric_limits<scalar_t>::infinity(), sum = 0;
-          for (int64_t k = 0; k < r.K; ++k) m = std::max(m, a[g * r.K + k]);
-          for (int64_t k = 0; k < r.K; ++k) sum += std::exp(a[g * r.K + k] - m);
-          cshift[g] = m + std::log(sum);
-        }
-      }
       p.loss = loss.data_ptr<scalar_t>();
-      p.cshift = cshift.data();
+      p.cshift = cshift.data_ptr<scalar_t>();
     }
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) { run_fwd(p, o, b, e); });
@@ -176,7 +200,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(const P
 
   const int64_t ps = r.cov == kDiag ? r.D : r.cov == kSpherical ? 1 : r.D * r.D;
   const int64_t buf_elems = r.G * r.K * (r.D + ps + 1);
-  const ChunkPlan plan(items, r.G, shared, buf_elems * static_cast<int64_t>(r.x.element_size()),
+  // Row tiles mix mixtures within an item: every chunk gets its own sums (as for shared x).
+  const ChunkPlan plan(items, r.G, shared || row_tiles(r), buf_elems * static_cast<int64_t>(r.x.element_size()),
                        items * work_per_item(r));
   at::Tensor gmu = at::empty_like(r.means), gprec = at::empty_like(r.prec),
              glog = at::empty({r.G, r.K}, r.x.options());
@@ -205,19 +230,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(const P
     // logits: W_k − π_k Σ_n g_n over the live rows (π = softmax(logits), a_k holds log π_k
     // plus a constant per k, so π is recomputed from the logits here).
     const scalar_t* W = sums.W(0);
-    const scalar_t* lg = r.logits.data_ptr<scalar_t>();
+    run_exp_rows(r.logits.data_ptr<scalar_t>(), r.lse.data_ptr<scalar_t>(), r.G, r.K, gl);  // gl ← π
     for (int64_t gg = 0; gg < r.G; ++gg) {
       scalar_t gsum = 0;
       for (int64_t n = 0; n < r.N; ++n) {
         const int64_t i = gg * r.N + n;
         if (std::isfinite(lpp[i])) gsum += p.scale != nullptr ? gp[i] * p.scale[i] : gp[i];
       }
-      const scalar_t* l = lg + gg * r.K;
-      scalar_t m = -std::numeric_limits<scalar_t>::infinity(), z = 0;
-      for (int64_t k = 0; k < r.K; ++k) m = std::max(m, l[k]);
-      for (int64_t k = 0; k < r.K; ++k) z += std::exp(l[k] - m);
-      for (int64_t k = 0; k < r.K; ++k)
-        gl[gg * r.K + k] = W[gg * r.K + k] - std::exp(l[k] - m) / z * gsum;
+      for (int64_t k = 0; k < r.K; ++k) gl[gg * r.K + k] = W[gg * r.K + k] - gl[gg * r.K + k] * gsum;
     }
   });
   return {gx, gmu, gprec, glog};
@@ -229,6 +249,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(const P
 constexpr int64_t kTargetTileMaxK = 16;
 
 }  // namespace
+
+at::Tensor component_consts_t(const at::Tensor& logits, const at::Tensor& prec, int cov, int64_t G, int64_t K,
+                              int64_t D, at::Tensor* lse) {
+  at::Tensor a = at::empty({G, K}, prec.options());
+  if (lse != nullptr) *lse = at::empty({G}, prec.options());
+  AT_DISPATCH_FLOATING_TYPES(prec.scalar_type(), "fastgmmdiff_component_consts", [&] {
+    run_consts(logits.defined() ? logits.data_ptr<scalar_t>() : nullptr, prec.data_ptr<scalar_t>(), cov, G, K, D,
+               a.data_ptr<scalar_t>(), lse != nullptr && logits.defined() ? lse->data_ptr<scalar_t>() : nullptr);
+  });
+  return a;
+}
 
 at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                         const at::Tensor& logits, c10::string_view covariance_type) {
@@ -275,20 +306,16 @@ std::tuple<at::Tensor, at::Tensor> ngmg_cpu(const at::Tensor& x, const at::Tenso
     at::Tensor lt = log_prob_target_cpu(x, means, prec, *target, covariance_type);
     const at::Tensor t = canonical_target(r, *target, x, means, prec);
     at::Tensor lp = canonical_rows(lt, r.v).contiguous();
-    at::Tensor loss = at::empty_like(lp);
+    const at::Tensor c = normalize ? component_consts_t(at::Tensor(), r.prec, r.cov, r.G, r.K, r.D) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "fastgmmdiff_ngmg_target_cpu", [&] {
-      std::vector<scalar_t> c(r.G * r.K, scalar_t(0));
-      if (normalize)
-        component_consts<scalar_t>(nullptr, r.prec.data_ptr<scalar_t>(), r.cov, r.G, r.K, r.D, c.data());
       scalar_t* l = lp.data_ptr<scalar_t>();
-      scalar_t* o = loss.data_ptr<scalar_t>();
+      const scalar_t* cp = c.defined() ? c.data_ptr<scalar_t>() : nullptr;
       const int64_t* tp = t.data_ptr<int64_t>();
-      FlushDenormals ftz;
-      for (int64_t i = 0; i < r.G * r.N; ++i) {
-        l[i] -= c[(i / r.N) * r.K + tp[i]];
-        o[i] = -std::exp(l[i]);
-      }
+      if (cp != nullptr)
+        for (int64_t i = 0; i < r.G * r.N; ++i) l[i] -= cp[(i / r.N) * r.K + tp[i]];
     });
+    FlushDenormals ftz;
+    at::Tensor loss = lp.exp().neg_();
     return {api_rows(loss, r.v), api_rows(lp, r.v)};
   }
   Fused f;

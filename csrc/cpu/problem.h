@@ -65,8 +65,19 @@ struct FlushDenormals {
 #endif
 };
 
+// Row tiles (kernels.inc): for many mixtures of few points each (the `mdn` workload), a tile
+// is P consecutive rows g·N + n of a batched x instead of P points of one mixture (int32
+// gather offsets: G·K·D < 2^31).  Work item
+// i is then the rows [i·P, i·P + P).  diag and spherical.
+inline bool use_row_tiles(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, int64_t D) {
+  return cov != FULL && G > 1 && Gx == G && 2 * N <= kTile && G * K * D < (int64_t{1} << 31);  // int32 gathers
+}
+
 // Work items: batched x (Gx == G): item i = (g = i / tiles, tile = i % tiles);
 // shared x (Gx == 1 < G): item i = tile i, every g inside (so gx rows have one owner).
+// consts: a [G, K] = log π_k + Σ_d log U_k[d,d] − D/2 log 2π (without log π when logits is
+//   null) and lse [G] = logsumexp_k logits (when not null), vectorised.
+// exp_rows: out [G, K] = exp(x − c[g]).
 // fwd: log p for items [begin, end) into out [G, N].
 // bwd: gx rows of those items (written, not accumulated), and `acc` += their parameter sums.
 #define FASTGMMDIFF_DECLARE_KERNELS(NS)                                                        \
@@ -77,6 +88,12 @@ struct FlushDenormals {
            const Accum<float>& acc, int64_t begin, int64_t end);                               \
   void bwd(const Problem<double>& p, const double* grad, const double* logp, double* gx,       \
            const Accum<double>& acc, int64_t begin, int64_t end);                              \
+  void consts(const float* logits, const float* prec, int cov, int64_t G, int64_t K, int64_t D, float* a,  \
+              float* lse);                                                                     \
+  void consts(const double* logits, const double* prec, int cov, int64_t G, int64_t K, int64_t D,        \
+              double* a, double* lse);                                                         \
+  void exp_rows(const float* x, const float* c, int64_t G, int64_t K, float* out);             \
+  void exp_rows(const double* x, const double* c, int64_t G, int64_t K, double* out);          \
   }
 
 FASTGMMDIFF_DECLARE_KERNELS(avx512)

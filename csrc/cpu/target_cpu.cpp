@@ -41,10 +41,7 @@ TPrepared tprepare(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   const int64_t* t = r.target.data_ptr<int64_t>();
   for (int64_t i = 0, n = r.target.numel(); i < n; ++i)
     FGD_CHECK(t[i] >= 0 && t[i] < r.K, "target holds ", t[i], ", outside the component range [0, ", r.K, ")");
-  r.c = at::empty({r.G, r.K}, r.x.options());
-  AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_component_lognorm", [&] {
-    component_consts<scalar_t>(nullptr, r.prec.data_ptr<scalar_t>(), cov, r.G, r.K, r.D, r.c.data_ptr<scalar_t>());
-  });
+  r.c = component_consts_t(at::Tensor(), r.prec, cov, r.G, r.K, r.D);
   return r;
 }
 
