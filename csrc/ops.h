@@ -12,6 +12,8 @@ namespace fastgmmdiff {
 enum CovType : int { kDiag = 0, kSpherical = 1, kFull = 2 };
 
 #define FGD_CHECK(cond, ...) TORCH_CHECK(cond, "fastgmmdiff: ", __VA_ARGS__)
+// A bad value (not a bad layout): ValueError in Python, as the API's own value checks.
+#define FGD_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, "fastgmmdiff: ", __VA_ARGS__)
 
 inline int parse_cov(c10::string_view cov) {
   if (cov == "diag") return kDiag;

@@ -6,12 +6,15 @@ Every backend provides two registered ops with the same schemas:
     <bwd>(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor logp,
           str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)
 
-on the canonical layout of ``_checks`` (x ``[Gx, N, D]``, parameters with a G axis).  The
-forward returns log p ``[G, N]`` in the accumulation dtype (float64 for float64 inputs, float32
-otherwise) so that backward recomputes the responsibilities from an unrounded log p; it is the
-only tensor saved besides the inputs.  The backward returns the gradients with respect to
-(x, means, prec_chol, logits) in their dtypes.  ``register_log_prob_op`` wires the pair into
-autograd and gives both ops fake implementations, so ``torch.compile`` traces through them.
+on the canonical layout of ``_checks`` (x ``[Gx, N, D]``, parameters with a G axis); the
+compiled extension's ops also take the API layout (G axes as given, result ``[N]`` when no
+input has one: csrc/ops.h), which the fakes follow too.  The forward returns log p in the
+accumulation dtype (float64 for float64 inputs, float32 otherwise) so that backward recomputes
+the responsibilities from an unrounded log p; it is the only tensor saved besides the inputs.
+The backward returns the gradients with respect to (x, means, prec_chol, logits) in their
+shapes and dtypes.  ``register_log_prob_op`` gives both ops fake implementations, so
+``torch.compile`` traces through them, and wires the pair into autograd (Python), except for
+the compiled extension, whose autograd is C++ (csrc/autograd.cpp).
 """
 
 from __future__ import annotations

@@ -213,8 +213,10 @@ def check_values(c: Canonical) -> None:
         raise ValueError(f"x has a NaN coordinate at point n={int(idx[1])}")
 
 
-def check_target(target, out_shape, K: int, device) -> torch.Tensor:
-    """Check an NGMG ``target`` (component index per point); return it as int64 ``out_shape``."""
+def check_target(target, out_shape, K: int, device, check_range: bool = True) -> torch.Tensor:
+    """Check an NGMG ``target`` (component index per point); return it as int64 ``out_shape``.
+    ``check_range=False``: the backend's op checks the range itself (saves reading the values
+    here, twice, on the latency path)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be an integer torch.Tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -229,8 +231,8 @@ def check_target(target, out_shape, K: int, device) -> torch.Tensor:
     # Range check: reads values, but an out-of-range index would otherwise crash the device
     # (CUDA assert) or read out of bounds.  Skipped only while tracing/capturing, where a sync
     # is impossible.
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if t.numel() and not torch.compiler.is_compiling() and not capturing:
+    capturing = check_range and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if check_range and t.numel() and not torch.compiler.is_compiling() and not capturing:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= K:
             bad = lo if lo < 0 else hi

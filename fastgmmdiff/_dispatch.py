@@ -30,6 +30,9 @@ class Backend:
     # True: the ops take the API layout (G axes as given; see csrc/ops.h) and return [N] or
     # [G, N]; False: the canonical layout of _checks, returning [G, N].
     api_layout: bool = False
+    # True: the ops check NGMG targets' range themselves (ValueError), so the API need not
+    # read the values first (the CUDA kernels do not: an index out of range would crash them).
+    checks_target_range: bool = False
 
 
 _REGISTRY: dict = {}
@@ -115,7 +118,8 @@ def _compiled(name):
 
 
 register(Backend("cpu", ("cpu",), lambda: _probe_compiled(False), _compiled("log_prob"),
-                 _compiled("log_prob_target"), _BUILD_HINT, api_layout=True))
+                 _compiled("log_prob_target"), _BUILD_HINT, api_layout=True,
+                 checks_target_range=True))
 register(Backend("cuda", ("cuda",), lambda: _probe_compiled(True), _compiled("log_prob"),
                  _compiled("log_prob_target"), _BUILD_HINT, api_layout=True))
 

@@ -152,7 +152,7 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
     if target is None:
         t = None
     else:
-        t = _checks.check_target(target, c.out_shape, c.K, c.device)
+        t = _checks.check_target(target, c.out_shape, c.K, c.device, check_range=not b.checks_target_range)
     if c.N == 0:
         loss = _empty_like_result(c, c.out_shape)
     elif b.api_layout:  # the compiled extension's fused NGMG (loss and its epilogue in the kernel)

@@ -288,8 +288,12 @@ at::Tensor canonical_target(const Prepared& r, const at::Tensor& target, const a
   check_target(vt.last, r.G, r.N, x);
   at::Tensor t = vt.last.contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();
-  for (int64_t i = 0, n = t.numel(); i < n; ++i)
-    FGD_CHECK(tp[i] >= 0 && tp[i] < r.K, "target holds ", tp[i], ", outside the component range [0, ", r.K, ")");
+  int64_t lo = 0, hi = 0;
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) {  // a reduction (vectorises), then one check
+    lo = std::min(lo, tp[i]);
+    hi = std::max(hi, tp[i]);
+  }
+  FGD_CHECK_VALUE(lo >= 0 && hi < r.K, "target holds ", lo < 0 ? lo : hi, ", outside the component range [0, ", r.K, ")");
   return t;
 }
 

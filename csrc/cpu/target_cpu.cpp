@@ -40,7 +40,7 @@ TPrepared tprepare(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   r.v = v;
   const int64_t* t = r.target.data_ptr<int64_t>();
   for (int64_t i = 0, n = r.target.numel(); i < n; ++i)
-    FGD_CHECK(t[i] >= 0 && t[i] < r.K, "target holds ", t[i], ", outside the component range [0, ", r.K, ")");
+    FGD_CHECK_VALUE(t[i] >= 0 && t[i] < r.K, "target holds ", t[i], ", outside the component range [0, ", r.K, ")");
   r.c = component_consts_t(at::Tensor(), r.prec, cov, r.G, r.K, r.D);
   return r;
 }
