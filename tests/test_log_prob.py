@@ -189,3 +189,17 @@ def test_every_cpu_instruction_set_build(isa, cov, seed, monkeypatch):
     monkeypatch.setenv("FASTGMMDIFF_CPU_ISA", isa)
     p = random_problem(cov, 3, N=70, K=9, D=19, seed=seed, requires_grad=True)
     _check_against_reference(p, cov, "cpu")
+
+
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("G,N", [(203, 1), (90, 3), (40, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_tiny_mixtures(cov, G, N, dtype, seed, backend):
+    """The `mdn` layout (many mixtures of few points): the compiled backend's row tiles, whose
+    lanes are rows of different mixtures (tiles straddling mixtures, a partial last tile),
+    for both ops and a target."""
+    p = random_problem(cov, G, N=N, K=6, D=3, dtype=dtype, seed=seed, requires_grad=True)
+    _check_against_reference(p, cov, backend, shape_out=(G, N))
+    target = torch.randint(0, 6, (G, N))
+    check_against_reference(p, cov, backend, "ngmg")
+    check_against_reference(p, cov, backend, "ngmg", target=target, normalize=False)
