@@ -62,53 +62,44 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
   }
 };
 
-class LogProbFunction : public torch::autograd::Function<LogProbFunction> {
- public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& prec,
-                        const Tensor& logits, c10::string_view cov) {
-    static auto op = handle<FwdSig>("fastgmmdiff::log_prob");
-    Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      out = op.call(x, means, prec, logits, cov);
-    }
-    ctx->save_for_backward({x, means, prec, logits, out});
-    ctx->saved_data["cov"] = std::string(cov);
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    static auto op = handle<BwdSig>("fastgmmdiff::log_prob_backward");
-    const auto s = ctx->get_saved_variables();
-    const std::string cov = ctx->saved_data["cov"].toStringRef();
-    Tensor g = grad_out[0].defined() ? grad_out[0].contiguous() : at::zeros_like(s[4]);
-    auto r = op.call(g, s[0], s[1], s[2], s[3], s[4], cov);
-    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), Tensor()};
-  }
+// log_prob and log_prob_target: the same node, differing in the ops and the number of
+// gradients (the target op's fourth input, the target, gets none).
+struct LogProbOps {
+  static constexpr const char* kFwd = "fastgmmdiff::log_prob";
+  static constexpr const char* kBwd = "fastgmmdiff::log_prob_backward";
+  using Bwd = BwdSig;
+};
+struct TargetOps {
+  static constexpr const char* kFwd = "fastgmmdiff::log_prob_target";
+  static constexpr const char* kBwd = "fastgmmdiff::log_prob_target_backward";
+  using Bwd = TBwdSig;
 };
 
-class TargetFunction : public torch::autograd::Function<TargetFunction> {
+template <typename Ops>
+class LogDensityFunction : public torch::autograd::Function<LogDensityFunction<Ops>> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& prec,
-                        const Tensor& target, c10::string_view cov) {
-    static auto op = handle<FwdSig>("fastgmmdiff::log_prob_target");
+                        const Tensor& last, c10::string_view cov) {
+    static auto op = handle<FwdSig>(Ops::kFwd);
     Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = op.call(x, means, prec, target, cov);
+      out = op.call(x, means, prec, last, cov);
     }
-    ctx->save_for_backward({x, means, prec, target, out});
+    ctx->save_for_backward({x, means, prec, last, out});
     ctx->saved_data["cov"] = std::string(cov);
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    static auto op = handle<TBwdSig>("fastgmmdiff::log_prob_target_backward");
+    static auto op = handle<typename Ops::Bwd>(Ops::kBwd);
     const auto s = ctx->get_saved_variables();
     const std::string cov = ctx->saved_data["cov"].toStringRef();
     Tensor g = grad_out[0].defined() ? grad_out[0].contiguous() : at::zeros_like(s[4]);
     auto r = op.call(g, s[0], s[1], s[2], s[3], s[4], cov);
-    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), Tensor(), Tensor()};
+    variable_list grads = std::apply([](auto&... t) { return variable_list{t...}; }, r);
+    grads.resize(5);  // none for the rest (the target, covariance_type)
+    return grads;
   }
 };
 
@@ -161,12 +152,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ngmg_backward_autograd(
 
 Tensor log_prob_autograd(const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& logits,
                          c10::string_view cov) {
-  return LogProbFunction::apply(x, means, prec, logits, cov);
+  return LogDensityFunction<LogProbOps>::apply(x, means, prec, logits, cov);
 }
 
 Tensor log_prob_target_autograd(const Tensor& x, const Tensor& means, const Tensor& prec,
                                 const Tensor& target, c10::string_view cov) {
-  return TargetFunction::apply(x, means, prec, target, cov);
+  return LogDensityFunction<TargetOps>::apply(x, means, prec, target, cov);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> log_prob_backward_autograd(
