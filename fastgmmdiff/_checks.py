@@ -231,8 +231,8 @@ def check_target(target, out_shape, K: int, device, check_range: bool = True) ->
     # Range check: reads values, but an out-of-range index would otherwise crash the device
     # (CUDA assert) or read out of bounds.  Skipped only while tracing/capturing, where a sync
     # is impossible.
-    capturing = check_range and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if check_range and t.numel() and not torch.compiler.is_compiling() and not capturing:
+    if check_range and t.numel() and not torch.compiler.is_compiling() and not (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= K:
             bad = lo if lo < 0 else hi

@@ -96,15 +96,9 @@ def _targeted_log_prob(c: _checks.Canonical, b, t: Tensor, normalize: bool) -> T
     ``normalize`` (so the value is −½‖U_tᵀ(z_n − μ_t)‖²). [G, N], accumulation dtype.
 
     The backend's target op reads only the target's component for each point.  Shaped like
-    the result (``c.out_shape``)."""
+    the result (``c.out_shape``).  Backends whose ops take the canonical layout only: the
+    compiled ones run the fused ``fastgmmdiff::ngmg`` op instead."""
     G, D = c.G, c.D
-    if b.api_layout:
-        x, means, prec, _ = c.api
-        lp = b.target_op()(x, means, prec, t, c.covariance_type)
-        if normalize:
-            ln = _log_det(prec.detach().to(lp.dtype), c.covariance_type, D) - 0.5 * D * LOG_2PI
-            lp = lp - (ln[t] if ln.dim() == 1 else ln.gather(1, t))
-        return lp
     tg = t.reshape(G, c.N).contiguous()
     lp = b.target_op()(c.x.contiguous(), c.means.contiguous(), c.prec_chol.contiguous(), tg,
                        c.covariance_type)
