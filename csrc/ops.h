@@ -192,14 +192,4 @@ inline at::Tensor component_const(const at::Tensor& prec, const at::Tensor& logi
   return (at::log_softmax(logits, -1) + log_det(prec, cov, D)).sub_(0.5 * D * kLog2Pi).contiguous();
 }
 
-// The gradient of the parameters from the kernels' sums (SPEC §1):
-//   logits: W − π Σ_n g_n;  diag: W/s − s S;  spherical: D W/s − s S;
-//   full: triu(diag(W / U_dd) − S) with S = Σ w z yᵀ.
-inline at::Tensor finish_prec_grad(const at::Tensor& prec, const at::Tensor& W, const at::Tensor& S,
-                                   int cov, int64_t D) {
-  if (cov == kDiag) return W.unsqueeze(-1) / prec - prec * S;
-  if (cov == kSpherical) return W * static_cast<double>(D) / prec - prec * S;
-  return (at::diag_embed(W.unsqueeze(-1) / prec.diagonal(0, -2, -1)) - S).triu();
-}
-
 }  // namespace fastgmmdiff

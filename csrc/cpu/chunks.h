@@ -8,8 +8,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 
 #include "../ops.h"
 

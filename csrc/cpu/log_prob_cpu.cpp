@@ -83,6 +83,17 @@ void run_consts(const T* lg, const T* pr, int cov, int64_t G, int64_t K, int64_t
 }
 
 template <typename T>
+void run_lse_rows(const T* x, int64_t G, int64_t K, T* lse) {
+  switch (current_isa()) {
+#if defined(__x86_64__)
+    case kAvx512: return avx512::lse_rows(x, G, K, lse);
+    case kAvx2: return avx2::lse_rows(x, G, K, lse);
+#endif
+    default: return baseline::lse_rows(x, G, K, lse);
+  }
+}
+
+template <typename T>
 void run_exp_rows(const T* x, const T* c, int64_t G, int64_t K, T* out) {
   switch (current_isa()) {
 #if defined(__x86_64__)
@@ -131,17 +142,11 @@ int64_t work_per_item(const Prepared& r) {
   return kTile * r.K * per_k * ((r.Gx == 1 && r.G > 1) ? r.G : 1);
 }
 
-// logsumexp over the last axis of a [G, K] tensor (vectorised: the consts kernel with these
-// as logits and no precision term would also add log-determinants, so it is done directly).
+// logsumexp over the last axis of a contiguous [G, K] tensor, vectorised.
 at::Tensor logsumexp_rows(const at::Tensor& a) {
-  const int64_t G = a.size(0), K = a.size(1);
-  at::Tensor out = at::empty({G}, a.options());
-  at::Tensor scratch = at::empty({G, K}, a.options());
-  at::Tensor ones = at::ones({G, K}, a.options());
+  at::Tensor out = at::empty({a.size(0)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastgmmdiff_logsumexp_rows", [&] {
-    // consts with spherical "precisions" of 1 (log 1 = 0, D = 0): scratch = a − lse, out = lse.
-    run_consts(a.data_ptr<scalar_t>(), ones.data_ptr<scalar_t>(), kSpherical, G, K, int64_t{0},
-               scratch.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    run_lse_rows(a.data_ptr<scalar_t>(), a.size(0), a.size(1), out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -188,10 +193,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(Prepared& r, const Fused& f) {
 // Gradients on the canonical layout; fitted to the inputs' shapes by the callers.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(const Prepared& r, const at::Tensor& grad,
                                                                          const at::Tensor& logp, const Fused& f) {
-  check_grad_logp(canonical_rows(grad, r.v), canonical_rows(logp, r.v), r.G, r.N);
   const auto acc = r.x.scalar_type();
-  at::Tensor g = canonical_rows(grad, r.v).to(acc).contiguous();
-  at::Tensor lp = canonical_rows(logp, r.v).to(acc).contiguous();
+  at::Tensor g = canonical_rows(grad, r.v), lp = canonical_rows(logp, r.v);
+  check_grad_logp(g, lp, r.G, r.N);
+  g = g.to(acc).contiguous();
+  lp = lp.to(acc).contiguous();
   at::Tensor sc = f.scale.defined() ? canonical_rows(f.scale, r.v).to(acc).contiguous() : at::Tensor();
   if (sc.defined()) check_grad_logp(sc, lp, r.G, r.N);
   at::Tensor gx = at::empty_like(r.x);
@@ -253,11 +259,12 @@ constexpr int64_t kTargetTileMaxK = 16;
 at::Tensor component_consts_t(const at::Tensor& logits, const at::Tensor& prec, int cov, int64_t G, int64_t K,
                               int64_t D, at::Tensor* lse) {
   at::Tensor a = at::empty({G, K}, prec.options());
-  if (lse != nullptr) *lse = at::empty({G}, prec.options());
+  const at::Tensor ls = logits.defined() ? at::empty({G}, prec.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(prec.scalar_type(), "fastgmmdiff_component_consts", [&] {
     run_consts(logits.defined() ? logits.data_ptr<scalar_t>() : nullptr, prec.data_ptr<scalar_t>(), cov, G, K, D,
-               a.data_ptr<scalar_t>(), lse != nullptr && logits.defined() ? lse->data_ptr<scalar_t>() : nullptr);
+               a.data_ptr<scalar_t>(), ls.defined() ? ls.data_ptr<scalar_t>() : nullptr);
   });
+  if (lse != nullptr) *lse = ls;
   return a;
 }
 
@@ -278,7 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu
 
 namespace {
 
-// The canonical target [G, N] for prepared inputs r (the Python API gives it the result's shape).
+// The canonical target [G, N] for prepared inputs r (the Python API gives it the result's
+// shape); its range is checked by the caller (check_target_range) unless a kernel entry it
+// also calls does so already.
 at::Tensor canonical_target(const Prepared& r, const at::Tensor& target, const at::Tensor& x,
                             const at::Tensor& means, const at::Tensor& prec) {
   const Views vt = canonical_views(x, means, prec, target, r.cov, true);
@@ -286,15 +295,7 @@ at::Tensor canonical_target(const Prepared& r, const at::Tensor& target, const a
             "target must have the mixture axis G exactly when the other inputs do; got target ",
             target.sizes(), " for G = ", r.G);
   check_target(vt.last, r.G, r.N, x);
-  at::Tensor t = vt.last.contiguous();
-  const int64_t* tp = t.data_ptr<int64_t>();
-  int64_t lo = 0, hi = 0;
-  for (int64_t i = 0, n = t.numel(); i < n; ++i) {  // a reduction (vectorises), then one check
-    lo = std::min(lo, tp[i]);
-    hi = std::max(hi, tp[i]);
-  }
-  FGD_CHECK_VALUE(lo >= 0 && hi < r.K, "target holds ", lo < 0 ? lo : hi, ", outside the component range [0, ", r.K, ")");
-  return t;
+  return vt.last.contiguous();
 }
 
 bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
@@ -325,7 +326,10 @@ std::tuple<at::Tensor, at::Tensor> ngmg_cpu(const at::Tensor& x, const at::Tenso
   Fused f;
   f.ngmg = true;
   f.normalize = normalize;
-  if (has(target)) f.target = canonical_target(r, *target, x, means, prec);
+  if (has(target)) {
+    f.target = canonical_target(r, *target, x, means, prec);
+    check_target_range(f.target, r.K);
+  }
   auto res = forward_impl(r, f);
   return {api_rows(std::get<1>(res), r.v), api_rows(std::get<0>(res), r.v)};
 }
@@ -343,7 +347,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngmg_backward_cpu(
   }
   Fused f;
   f.scale = loss;
-  if (has(target)) f.target = canonical_target(r, *target, x, means, prec);
+  if (has(target)) {
+    f.target = canonical_target(r, *target, x, means, prec);
+    check_target_range(f.target, r.K);
+  }
   auto gr = backward_impl(r, grad, logp, f);
   return {fit_grad(std::get<0>(gr), x), fit_grad(std::get<1>(gr), means), fit_grad(std::get<2>(gr), prec),
           fit_grad(std::get<3>(gr), logits)};

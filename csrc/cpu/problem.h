@@ -76,7 +76,8 @@ inline bool use_row_tiles(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, 
 // Work items: batched x (Gx == G): item i = (g = i / tiles, tile = i % tiles);
 // shared x (Gx == 1 < G): item i = tile i, every g inside (so gx rows have one owner).
 // consts: a [G, K] = log π_k + Σ_d log U_k[d,d] − D/2 log 2π (without log π when logits is
-//   null) and lse [G] = logsumexp_k logits (when not null), vectorised.
+//   null) and lse [G] = logsumexp_k logits (written when logits is not null), vectorised.
+// lse_rows: lse [G] = logsumexp_k x[g, k].
 // exp_rows: out [G, K] = exp(x − c[g]).
 // fwd: log p for items [begin, end) into out [G, N].
 // bwd: gx rows of those items (written, not accumulated), and `acc` += their parameter sums.
@@ -92,6 +93,8 @@ inline bool use_row_tiles(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, 
               float* lse);                                                                     \
   void consts(const double* logits, const double* prec, int cov, int64_t G, int64_t K, int64_t D,        \
               double* a, double* lse);                                                         \
+  void lse_rows(const float* x, int64_t G, int64_t K, float* lse);                              \
+  void lse_rows(const double* x, int64_t G, int64_t K, double* lse);                            \
   void exp_rows(const float* x, const float* c, int64_t G, int64_t K, float* out);             \
   void exp_rows(const double* x, const double* c, int64_t G, int64_t K, double* out);          \
   }

@@ -38,9 +38,7 @@ TPrepared tprepare(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   check_target(v.last, r.G, r.N, x);
   r.target = v.last.contiguous();
   r.v = v;
-  const int64_t* t = r.target.data_ptr<int64_t>();
-  for (int64_t i = 0, n = r.target.numel(); i < n; ++i)
-    FGD_CHECK_VALUE(t[i] >= 0 && t[i] < r.K, "target holds ", t[i], ", outside the component range [0, ", r.K, ")");
+  check_target_range(r.target, r.K);
   r.c = component_consts_t(at::Tensor(), r.prec, cov, r.G, r.K, r.D);
   return r;
 }
@@ -76,6 +74,16 @@ inline int64_t prec_stride(int cov, int64_t D) { return cov == kDiag ? D : cov =
 
 }  // namespace
 
+void check_target_range(const at::Tensor& target, int64_t K) {
+  const int64_t* tp = target.data_ptr<int64_t>();
+  int64_t lo = 0, hi = 0;
+  for (int64_t i = 0, n = target.numel(); i < n; ++i) {  // a reduction (vectorises), then one check
+    lo = std::min(lo, tp[i]);
+    hi = std::max(hi, tp[i]);
+  }
+  FGD_CHECK_VALUE(lo >= 0 && hi < K, "target holds ", lo < 0 ? lo : hi, ", outside the component range [0, ", K, ")");
+}
+
 at::Tensor log_prob_target_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                                const at::Tensor& target, c10::string_view covariance_type) {
   TPrepared r = tprepare(x, means, prec, target, covariance_type);
@@ -106,9 +114,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& target, const at::Tensor& logp, c10::string_view covariance_type) {
   TPrepared r = tprepare(x, means, prec, target, covariance_type);
-  check_grad_logp(canonical_rows(grad, r.v), canonical_rows(logp, r.v), r.G, r.N);
+  at::Tensor g = canonical_rows(grad, r.v), lp = canonical_rows(logp, r.v);
+  check_grad_logp(g, lp, r.G, r.N);
   const auto acc = r.x.scalar_type();
-  at::Tensor g = canonical_rows(grad, r.v).to(acc).contiguous(), lp = canonical_rows(logp, r.v).to(acc).contiguous();
+  g = g.to(acc).contiguous();
+  lp = lp.to(acc).contiguous();
   const bool shared = r.Gx == 1 && r.G > 1;
   at::Tensor gx = at::zeros_like(r.x);
   const int64_t ps = prec_stride(r.cov, r.D);

@@ -10,6 +10,9 @@
 namespace fastgmmdiff {
 namespace cpu {
 
+// ValueError unless every entry of the contiguous int64 target lies in [0, K).
+void check_target_range(const at::Tensor& target, int64_t K);
+
 at::Tensor log_prob_target_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                                const at::Tensor& target, c10::string_view covariance_type);
 

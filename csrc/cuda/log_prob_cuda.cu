@@ -365,12 +365,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cud
   check_layout(v.x, v.means, v.prec, v.last, cov);
   const c10::cuda::CUDAGuard guard(x.device());
   Prep r = prep(v.x, v.means, v.prec, cov);
-  check_grad_logp(canonical_rows(grad, v), canonical_rows(logp, v), r.G, r.N);
+  at::Tensor g = canonical_rows(grad, v), lp = canonical_rows(logp, v);
+  check_grad_logp(g, lp, r.G, r.N);
   const auto acc = r.x.scalar_type();
   at::Tensor lg = v.last.to(acc).contiguous();
   at::Tensor a = component_const(r.prec, lg, cov, r.D);
   at::Tensor pi = at::softmax(lg, -1).contiguous();
-  at::Tensor g = canonical_rows(grad, v).to(acc).contiguous(), lp = canonical_rows(logp, v).to(acc).contiguous();
+  g = g.to(acc).contiguous();
+  lp = lp.to(acc).contiguous();
   at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
   at::Tensor glog = at::zeros_like(lg);
   if (r.N > 0) {
@@ -437,10 +439,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   Prep r = prep(v.x, v.means, v.prec, cov);
   check_target(v.last, r.G, r.N, x);
-  check_grad_logp(canonical_rows(grad, v), canonical_rows(logp, v), r.G, r.N);
+  at::Tensor g = canonical_rows(grad, v), lp = canonical_rows(logp, v);
+  check_grad_logp(g, lp, r.G, r.N);
   const auto acc = r.x.scalar_type();
-  at::Tensor t = v.last.contiguous(), g = canonical_rows(grad, v).to(acc).contiguous(),
-             lp = canonical_rows(logp, v).to(acc).contiguous();
+  at::Tensor t = v.last.contiguous();
+  g = g.to(acc).contiguous();
+  lp = lp.to(acc).contiguous();
   at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
   const int64_t total = r.G * r.N;
   if (total > 0) {
@@ -464,21 +468,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
 std::tuple<at::Tensor, at::Tensor> ngmg_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                                              const at::Tensor& logits, const c10::optional<at::Tensor>& target,
                                              c10::string_view covariance_type, bool normalize) {
-  constexpr double kLog2Pi = 1.8378770664093454835606594728112;
   const int cov = parse_cov(covariance_type);
   const int64_t D = means.size(-1);
   at::Tensor lp;
   if (target.has_value() && target->defined()) {
     lp = log_prob_target_cuda(x, means, prec, *target, covariance_type);
     if (normalize) {
-      at::Tensor ln = log_det(prec.to(lp.scalar_type()), cov, D).sub_(0.5 * D * kLog2Pi);
+      at::Tensor ln = component_lognorm(prec.to(lp.scalar_type()), cov, D);
       lp = lp - (ln.dim() == 1 ? ln.index({*target}) : ln.gather(1, *target));
     }
   } else {
     lp = log_prob_cuda(x, means, prec, logits, covariance_type);
     if (normalize) {
-      at::Tensor a = at::log_softmax(logits.to(lp.scalar_type()), -1) + log_det(prec.to(lp.scalar_type()), cov, D);
-      at::Tensor c = at::logsumexp(a, {-1}).sub_(0.5 * D * kLog2Pi);
+      const auto acc = lp.scalar_type();
+      at::Tensor c = at::logsumexp(component_const(prec.to(acc), logits.to(acc), cov, D), {-1});
       lp = lp - (c.dim() == 1 ? c.unsqueeze(-1) : c);
     }
   }
