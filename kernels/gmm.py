@@ -16,8 +16,13 @@ Tiling — the structure of a FlashAttention forward without the V product:
   components; for each it forms q for the [BLOCK_N, BLOCK_K] tile — diag/spherical as
   element-wise FMA over [BLOCK_N, BLOCK_K, BLOCK_D] chunks of z = x − μ (z formed before any
   product: no ‖x‖² − 2x·μ + ‖μ‖² expansion), full as ``tl.dot`` of the z tile with U_k (one
-  component at a time, IEEE fp32 — no TF32) — and folds it into an online logsumexp in the
-  exp2/log2 domain (log2 e folded into the constants).  Only log p ``[G, N]`` is written.
+  component at a time, IEEE fp32 — no TF32; past FULL_ONE_MAX dimensions as the blocks d ≤ e of
+  y[:, e] = Σ_d z[:, d] U[d, e] in FULL_CHUNK-wide blocks, the lower triangle skipped, any D)
+  — and folds it into an online logsumexp in the
+  natural-log domain.  Only log p ``[G, N]`` is written.  The backward recomputes ℓ_nk with the
+  same operations in the same order, so ℓ_nk − log p_n is exact to rounding of the small
+  difference even where log p is in the thousands (an exp2 domain with log p converted between
+  bases lost eps·|log p| there: 5e-5 relative gradient error at D = 130).
 * backward, from the saved log p: r_nk = exp(ℓ_nk − log p_n), w_nk = g_n r_nk, and
 
       ∂x_n = −Σ_k w_nk Λ_k z_nk        ∂μ_k = Σ_n w_nk Λ_k z_nk       ∂logits_k = W_k − π_k Σ_n g_n
@@ -41,17 +46,19 @@ op inside the same op.
 with r = 0 has w = 0 and is never multiplied with an infinite distance.
 
 Block shapes (``_blocks``): a fixed table, no autotuning at first call (cold start matters).
-Its origin: sized for register pressure (the 3-D diag tile BLOCK_N·BLOCK_K·BLOCK_D ≤ 8192
-fp32 values over 4 warps; the full-covariance tile keeps z, y and one U_k for D ≤ 128);
-**not yet tuned by measurement on a GPU** — bench/gpu_check.sh is where that happens.
+Its origin: register pressure as compiled for sm_90 and sm_80 (compile_check.py: every variant
+within 64 B of stack per thread in float32, most with none) — the 3-D diag tile
+BLOCK_N·BLOCK_K·BLOCK_D ≤ 8192 values over 4 warps, half the components per tile in float64;
+full covariance one block of the D×D product up to D = 32, 32×32 blocks past that (8 warps).
+**Not yet tuned by measurement on a GPU** — bench/gpu_check.sh is where that happens.
 
-Full covariance runs here for D ≤ 128 (one register tile of the dimension); larger D uses the
-"torch" backend's chunked implementation inside the same op.
-
-Tests run these kernels on the CPU under ``TRITON_INTERPRET=1`` (tests/test_triton.py).
+Tests run these kernels on the CPU under ``TRITON_INTERPRET=1`` (tests/test_triton.py) and
+compile every launch variant for a real GPU (tests/test_triton_compile.py).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import triton
@@ -63,10 +70,34 @@ from fastgmmdiff._autograd import register_log_prob_op, register_target_op
 from fastgmmdiff._dispatch import _triton_interpreted as interpreted
 from fastgmmdiff._torch_ops import LOG_2PI, _log_det, acc_dtype, finish_prec_grad
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-FULL_MAX_D = 128
+# (A constant read inside a @triton.jit function must be a tl.constexpr: Triton's compiler
+# rejects a plain module-level float, its CPU interpreter does not — tests/test_triton_compile.py.)
+# Full covariance: up to FULL_ONE_MAX dimensions the D×D product is one block; past that, the
+# upper-triangular blocks of FULL_CHUNK × FULL_CHUNK.  Measured by compile_check.py: one 128×128
+# block spilled kilobytes per thread, one 64×64 block 2 KB with half-precision inputs; 32×32
+# blocks spill nothing (and skip the zero lower triangle).
+FULL_ONE_MAX = 32
+FULL_CHUNK = 32
 _PARTIAL_BYTES = 64 << 20  # cap on the backward's per-split partial sums
+_I32_PARAMS = ("N", "K", "D", "W", "n_per_split")  # sizes: int32 in the kernels (_check_sizes)
+
+
+def _kernel(fn):
+    """``triton.jit`` for a launched kernel, specialised on its ``tl.constexpr`` parameters only.
+
+    Integer parameters have fixed types — sizes (``_I32_PARAMS``: the host checks they fit) as
+    i32, strides as i64 — and no specialisation on their values (1, multiples of 16) or on
+    pointer alignment.  So a kernel compiles once per block-table entry and dtype: a new N, K
+    or D never recompiles at a first call, and the compile check (compile_check.py) covers
+    every binary a launch can use."""
+    params = inspect.signature(fn).parameters
+    plain = [n for n, p in params.items() if "constexpr" not in str(p.annotation)]
+    for n in plain:
+        if not n.endswith("_ptr"):
+            fn.__annotations__[n] = "i32" if n in _I32_PARAMS else "i64"
+    fn.__signature__ = inspect.signature(fn).replace(
+        parameters=[p.replace(annotation=fn.__annotations__.get(n, p.annotation)) for n, p in params.items()])
+    return triton.jit(fn, do_not_specialize=plain, do_not_specialize_on_alignment=plain)
 
 
 # --- kernels: diag and spherical ---------------------------------------------------------------
@@ -88,11 +119,11 @@ def _z_chunk(x_row, mu_ptr, offs_n, mask_n, offs_k, mask_k, d0, D, sxn, smk,
 
 @triton.jit
 def _row_weights(g_ptr, lp_ptr, offs_n, mask_n, ACC: tl.constexpr):
-    """(upstream gradient, log₂ p) per point; both 0 for padding and for −inf (dead) rows."""
+    """(upstream gradient, log p) per point; both 0 for padding and for −inf (dead) rows."""
     lp = tl.load(lp_ptr + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
     live = mask_n & (lp > float("-inf"))
     gw = tl.where(live, tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(ACC), 0.0)
-    return gw, tl.where(live, lp * LOG2E, 0.0)
+    return gw, tl.where(live, lp, 0.0)
 
 
 @triton.jit
@@ -118,21 +149,21 @@ def _q_tile(x_row, mu_ptr, s_ptr, offs_n, mask_n, offs_k, mask_k, D, sxn, smk, s
 
 @triton.jit
 def _online_lse(m, l, l2):
-    """Fold a [BLOCK_N, k] tile of log₂-domain ℓ into the running (max m, scaled sum l)."""
+    """Fold a [BLOCK_N, k] tile of ℓ into the running (max m, sum l of exp(ℓ − m))."""
     m_new = tl.maximum(m, tl.max(l2, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(l2 - m_safe[:, None]), axis=1)
+    l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(l2 - m_safe[:, None]), axis=1)
     return m_new, l
 
 
 @triton.jit
 def _lse_result(m, l):
-    """log p (natural log) from the running state; −inf where every ℓ was −inf."""
+    """log p from the running state; −inf where every ℓ was −inf."""
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return (m_safe + tl.log2(l)) * LN2
+    return m_safe + tl.log(l)
 
 
-@triton.jit
+@_kernel
 def _fwd_diag_kernel(x_ptr, mu_ptr, s_ptr, a_ptr, out_ptr, N, K, D,
                      sxg, sxn, smg, smk, ssg, ssk, sag, sog,
                      SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -150,25 +181,25 @@ def _fwd_diag_kernel(x_ptr, mu_ptr, s_ptr, a_ptr, out_ptr, N, K, D,
         q = _q_tile(x_row, mu_ptr + g * smg, s_ptr + g * ssg, offs_n, mask_n, offs_k, mask_k, D,
                     sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
         a = tl.load(a_ptr + g * sag + offs_k, mask=mask_k, other=float("-inf")).to(ACC)
-        l2 = a[None, :] * LOG2E - (0.5 * LOG2E) * q
+        l2 = a[None, :] - 0.5 * q
         m, l = _online_lse(m, l, tl.where(mask_k[None, :], l2, float("-inf")))
     tl.store(out_ptr + g * sog + offs_n, _lse_result(m, l), mask=mask_n)
 
 
 @triton.jit
-def _w_tile(x_row, mu_ptr, s_ptr, a_ptr, offs_n, mask_n, offs_k, mask_k, gw, lp2, D, sxn, smk, ssk,
+def _w_tile(x_row, mu_ptr, s_ptr, a_ptr, offs_n, mask_n, offs_k, mask_k, gw, lp, D, sxn, smk, ssk,
             SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """w [BLOCK_N, BLOCK_K] = g_n exp(ℓ_nk − log p_n), 0 outside the masks and for dead rows."""
     q = _q_tile(x_row, mu_ptr, s_ptr, offs_n, mask_n, offs_k, mask_k, D, sxn, smk, ssk,
                 SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
     a = tl.load(a_ptr + offs_k, mask=mask_k, other=float("-inf")).to(ACC)
-    l2 = a[None, :] * LOG2E - (0.5 * LOG2E) * q
-    w = gw[:, None] * tl.exp2(l2 - lp2[:, None])
+    l2 = a[None, :] - 0.5 * q
+    w = gw[:, None] * tl.exp(l2 - lp[:, None])
     return tl.where(mask_k[None, :] & (gw != 0)[:, None] & (l2 > float("-inf")), w, 0.0)
 
 
-@triton.jit
+@_kernel
 def _bwd_x_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_ptr, N, K, D,
                        sxg, sxn, smg, smk, ssg, ssk, sag, sog, sdg, sdn,
                        SPHERICAL: tl.constexpr, ONE_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -182,13 +213,13 @@ def _bwd_x_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_ptr, N, K,
     x_row = x_ptr + g * sxg
     mu_g = mu_ptr + g * smg
     s_g = s_ptr + g * ssg
-    gw, lp2 = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
+    gw, lp = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
     dx_row = dx_ptr + g * sdg + offs_n[:, None].to(tl.int64) * sdn
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp2, D,
+        w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp, D,
                     sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
         if SPHERICAL:
             s = tl.load(s_g + offs_k * ssk, mask=mask_k, other=0.0).to(ACC)
@@ -212,7 +243,7 @@ def _bwd_x_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_ptr, N, K,
         tl.store(dx_row + offs_d[None, :], acc, mask=mask_n[:, None] & (offs_d < D)[None, :])
 
 
-@triton.jit
+@_kernel
 def _bwd_param_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, pz_ptr, pzz_ptr, pw_ptr,
                            N, K, D, n_per_split, sxg, sxn, smg, smk, ssg, ssk, sag, sog,
                            SPHERICAL: tl.constexpr, ONE_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -239,8 +270,8 @@ def _bwd_param_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, pz_ptr, p
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_hi
-        gw, lp2 = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
-        w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp2, D,
+        gw, lp = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
+        w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp, D,
                     sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
         wsum += tl.sum(w, axis=0)
         for d0 in range(0, D, BLOCK_D):
@@ -272,86 +303,148 @@ def _bwd_param_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, pz_ptr, p
             tl.store(pzz_ptr + ptr, acc_zz, mask=mkd)
 
 
-# --- kernels: full covariance (D ≤ 128, one register tile of the dimension) ---------------------
+# --- kernels: full covariance (the D×D product in chunks of BLOCK_C × BLOCK_C) -------------------
 
 @triton.jit
-def _full_y(x_row, mu_k, u_k, offs_n, mask_n, D, sxn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            ACC: tl.constexpr):
-    """z = x − μ_k [BLOCK_N, BLOCK_D] and y = z U_k (upper triangle of U_k only)."""
-    offs_d = tl.arange(0, BLOCK_D)
+def _full_zu(x_row, mu_k, u_k, offs_n, mask_n, d0, e0, D, sxn, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """z = x − μ_k for dimensions d0 … d0+BLOCK_C ([BLOCK_N, BLOCK_C]) and the block
+    U_k[d0:d0+BLOCK_C, e0:e0+BLOCK_C] (upper triangle only; the rest reads as 0)."""
+    offs_d = d0 + tl.arange(0, BLOCK_C)
+    offs_e = e0 + tl.arange(0, BLOCK_C)
     mask_d = offs_d < D
     xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
                  mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
     mu = tl.load(mu_k + offs_d, mask=mask_d, other=0.0).to(ACC)
     z = tl.where(mask_d[None, :], xt - mu[None, :], 0.0)
     ii = offs_d[:, None]
-    jj = offs_d[None, :]
+    jj = offs_e[None, :]
     u = tl.load(u_k + ii * D + jj, mask=(ii <= jj) & (ii < D) & (jj < D), other=0.0).to(ACC)
-    y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
-    return z, y, u
+    return z, u
 
 
 @triton.jit
-def _full_q(z, y):
-    """q = ‖y‖²; +inf for a point with an infinite coordinate (inf · 0 in z U would be NaN)."""
-    q = tl.sum(y * y, axis=1)
-    inf_row = tl.max(tl.where(tl.abs(z) == float("inf"), 1, 0), axis=1) > 0
+def _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N: tl.constexpr,
+                  BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """y[:, e0:e0+BLOCK_C] of y = zᵀU_k: the blocks d0 ≤ e0 of the upper triangle."""
+    y = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+    for d0 in range(0, e0 + BLOCK_C, BLOCK_C):
+        z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, d0, e0, D, sxn, BLOCK_C, ACC)
+        y += tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
+    return y
+
+
+@triton.jit
+def _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N: tl.constexpr,
+            BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """q = ‖y‖² over the column chunks of y; +inf for a point with an infinite coordinate
+    (inf · 0 in z U would be NaN)."""
+    q = tl.zeros((BLOCK_N,), ACC)
+    for e0 in range(0, D, BLOCK_C):
+        y = _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
+        q += tl.sum(y * y, axis=1)
     return tl.where(inf_row, float("inf"), q)
 
 
 @triton.jit
+def _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Which points of the tile have an infinite coordinate."""
+    bad = tl.zeros((BLOCK_N,), tl.int32)
+    for d0 in range(0, D, BLOCK_C):
+        offs_d = d0 + tl.arange(0, BLOCK_C)
+        xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
+                     mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
+        bad = tl.maximum(bad, tl.max(tl.where(tl.abs(xt.to(tl.float32)) == float("inf"), 1, 0), axis=1))
+    return bad > 0
+
+
+@triton.jit
+def _full_w(gw, lp, a, q):
+    """w = g exp(ℓ − log p) for one component; 0 for dead or padding rows and where ℓ = −inf."""
+    l2 = a - 0.5 * q
+    return tl.where((gw != 0) & (l2 > float("-inf")), gw * tl.exp(l2 - lp), 0.0)
+
+
+@_kernel
 def _fwd_full_kernel(x_ptr, mu_ptr, u_ptr, a_ptr, out_ptr, N, K, D,
                      sxg, sxn, smg, smk, sug, suk, sag, sog,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+                     ONE_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     pid_n = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_row = x_ptr + g * sxg
+    inf_row = _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
     m = tl.full((BLOCK_N,), float("-inf"), ACC)
     l = tl.zeros((BLOCK_N,), ACC)
     for k in range(0, K):
-        z, y, u = _full_y(x_row, mu_ptr + g * smg + k * smk, u_ptr + g * sug + k * suk, offs_n, mask_n,
-                          D, sxn, BLOCK_N, BLOCK_D, ACC)
-        q = _full_q(z, y)
+        mu_k = mu_ptr + g * smg + k * smk
+        u_k = u_ptr + g * sug + k * suk
+        if ONE_C:
+            z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, 0, 0, D, sxn, BLOCK_C, ACC)
+            y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
+            q = tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1))
+        else:
+            q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
         a = tl.load(a_ptr + g * sag + k).to(ACC)
-        m, l = _online_lse(m, l, (a * LOG2E - (0.5 * LOG2E) * q)[:, None])
+        m, l = _online_lse(m, l, (a - 0.5 * q)[:, None])
     tl.store(out_ptr + g * sog + offs_n, _lse_result(m, l), mask=mask_n)
 
 
-@triton.jit
+@_kernel
 def _bwd_x_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_ptr, N, K, D,
                        sxg, sxn, smg, smk, sug, suk, sag, sog, sdg, sdn,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """∂x_n = −Σ_k w_nk U_k y_nk."""
+                       ONE_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                       ACC: tl.constexpr):
+    """∂x_n = −Σ_k w_nk U_k y_nk.  ONE_C (D ≤ BLOCK_C): y from one product, ∂x in registers.
+    Otherwise q first (all chunks), then per column chunk e of y the blocks U[d, e] (d ≤ e)
+    add into ∂x[:, d] in place (dx_ptr zero-initialised; these rows are this program's)."""
     pid_n = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_row = x_ptr + g * sxg
-    gw, lp2 = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
-    acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    dx_row = dx_ptr + g * sdg + offs_n[:, None].to(tl.int64) * sdn
+    gw, lp = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
+    inf_row = _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
+    acc = tl.zeros((BLOCK_N, BLOCK_C), ACC)
     for k in range(0, K):
-        z, y, u = _full_y(x_row, mu_ptr + g * smg + k * smk, u_ptr + g * sug + k * suk, offs_n, mask_n,
-                          D, sxn, BLOCK_N, BLOCK_D, ACC)
-        q = _full_q(z, y)
+        mu_k = mu_ptr + g * smg + k * smk
+        u_k = u_ptr + g * sug + k * suk
         a = tl.load(a_ptr + g * sag + k).to(ACC)
-        l2 = a * LOG2E - (0.5 * LOG2E) * q
-        w = tl.where((gw != 0) & (l2 > float("-inf")), gw * tl.exp2(l2 - lp2), 0.0)
-        wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
-        acc -= tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC)
-    offs_d = tl.arange(0, BLOCK_D)
-    tl.store(dx_ptr + g * sdg + offs_n[:, None].to(tl.int64) * sdn + offs_d[None, :], acc,
-             mask=mask_n[:, None] & (offs_d < D)[None, :])
+        if ONE_C:
+            z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, 0, 0, D, sxn, BLOCK_C, ACC)
+            y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
+            q = tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1))
+            w = _full_w(gw, lp, a, q)
+            wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
+            acc -= tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC)
+        else:
+            q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
+            w = _full_w(gw, lp, a, q)
+            for e0 in range(0, D, BLOCK_C):
+                y = _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
+                wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
+                for d0 in range(0, e0 + BLOCK_C, BLOCK_C):
+                    _, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, d0, e0, D, sxn, BLOCK_C, ACC)
+                    offs_d = d0 + tl.arange(0, BLOCK_C)
+                    msk = mask_n[:, None] & (offs_d < D)[None, :]
+                    ptrs = dx_row + offs_d[None, :]
+                    part = tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC)
+                    tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) - part, mask=msk)
+    if ONE_C:
+        offs_d = tl.arange(0, BLOCK_C)
+        tl.store(dx_row + offs_d[None, :], acc, mask=mask_n[:, None] & (offs_d < D)[None, :])
 
 
-@triton.jit
+@_kernel
 def _bwd_param_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, py_ptr, pzy_ptr, pw_ptr,
                            N, K, D, n_per_split,
                            sxg, sxn, smg, smk, sug, suk, sag, sog,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+                           ONE_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                           ACC: tl.constexpr):
     """For component k of mixture g over one split of points: pw = Σ w, py = Σ w y (∂μ = U py),
-    pzy = Σ w z yᵀ.  Buffers [S, G, K, D] / [S, G, K, D, D] / [S, G, K], contiguous."""
+    pzy = Σ w z yᵀ.  Buffers [S, G, K, D] / [S, G, K, D, D] / [S, G, K], contiguous and
+    zero-initialised (past one chunk the blocks of py and pzy accumulate in place)."""
     k = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     g = tl.program_id(2).to(tl.int64)
@@ -360,31 +453,53 @@ def _bwd_param_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, py_ptr, p
     mu_k = mu_ptr + g * smg + k * smk
     u_k = u_ptr + g * sug + k * suk
     a = tl.load(a_ptr + g * sag + k).to(ACC)
+    row = (split * G + g) * K + k
+    py_row = py_ptr + row * D
+    pzy_row = pzy_ptr + row * D * D
     n_lo = split * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
     wsum = tl.zeros((BLOCK_N,), ACC)
-    acc_y = tl.zeros((BLOCK_D,), ACC)
-    acc_zy = tl.zeros((BLOCK_D, BLOCK_D), ACC)
+    acc_y = tl.zeros((BLOCK_C,), ACC)
+    acc_zy = tl.zeros((BLOCK_C, BLOCK_C), ACC)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_hi
-        gw, lp2 = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
-        z, y, u = _full_y(x_row, mu_k, u_k, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_D, ACC)
-        q = _full_q(z, y)
-        l2 = a * LOG2E - (0.5 * LOG2E) * q
-        w = tl.where((gw != 0) & (l2 > float("-inf")), gw * tl.exp2(l2 - lp2), 0.0)
-        wsum += w
-        wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
-        zm = tl.where((w != 0)[:, None], z, 0.0)
-        acc_y += tl.sum(wy, axis=0)
-        acc_zy += tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    row = (split * G + g) * K + k
+        gw, lp = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
+        inf_row = _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
+        if ONE_C:
+            z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, 0, 0, D, sxn, BLOCK_C, ACC)
+            y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
+            w = _full_w(gw, lp, a, tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1)))
+            wsum += w
+            wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
+            zm = tl.where((w != 0)[:, None], z, 0.0)
+            acc_y += tl.sum(wy, axis=0)
+            acc_zy += tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
+        else:
+            q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
+            w = _full_w(gw, lp, a, q)
+            wsum += w
+            for e0 in range(0, D, BLOCK_C):
+                y = _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
+                wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
+                offs_e = e0 + tl.arange(0, BLOCK_C)
+                mask_e = offs_e < D
+                tl.store(py_row + offs_e, tl.load(py_row + offs_e, mask=mask_e, other=0.0) + tl.sum(wy, axis=0),
+                         mask=mask_e)
+                for d0 in range(0, e0 + BLOCK_C, BLOCK_C):
+                    z, _ = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, d0, e0, D, sxn, BLOCK_C, ACC)
+                    zm = tl.where((w != 0)[:, None], z, 0.0)
+                    offs_d = d0 + tl.arange(0, BLOCK_C)
+                    ptrs = pzy_row + offs_d[:, None] * D + offs_e[None, :]
+                    msk = (offs_d < D)[:, None] & mask_e[None, :]
+                    part = tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
+                    tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
     tl.store(pw_ptr + row, tl.sum(wsum, axis=0))
-    tl.store(py_ptr + row * D + offs_d, acc_y, mask=mask_d)
-    tl.store(pzy_ptr + row * D * D + offs_d[:, None] * D + offs_d[None, :], acc_zy,
-             mask=mask_d[:, None] & mask_d[None, :])
+    if ONE_C:
+        offs_d = tl.arange(0, BLOCK_C)
+        mask_d = offs_d < D
+        tl.store(py_row + offs_d, acc_y, mask=mask_d)
+        tl.store(pzy_row + offs_d[:, None] * D + offs_d[None, :], acc_zy, mask=mask_d[:, None] & mask_d[None, :])
 
 
 # --- kernels: one component per point (NGMG with target), diag and spherical ------------------
@@ -406,7 +521,7 @@ def _target_z(x_row, mu_g, s_g, t, offs_n, mask_n, d0, D, sxn, smk, ssk,
     return z, s, msk, offs_d
 
 
-@triton.jit
+@_kernel
 def _fwd_target_kernel(x_ptr, mu_ptr, s_ptr, t_ptr, c_ptr, out_ptr, N, D,
                        sxg, sxn, smg, smk, ssg, ssk, scg, sog,
                        SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -427,7 +542,7 @@ def _fwd_target_kernel(x_ptr, mu_ptr, s_ptr, t_ptr, c_ptr, out_ptr, N, D,
     tl.store(out_ptr + g * sog + offs_n, c - 0.5 * q, mask=mask_n)
 
 
-@triton.jit
+@_kernel
 def _bwd_target_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, t_ptr, lz_ptr, zz_ptr, N, D,
                        sxg, sxn, smg, smk, ssg, ssk, sog,
                        SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -456,7 +571,7 @@ def _bwd_target_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, t_ptr, lz_ptr, zz_pt
         tl.store(zz_ptr + row, zz_sph, mask=mask_n)
 
 
-@triton.jit
+@_kernel
 def _segment_sum_kernel(src_ptr, perm_ptr, off_ptr, out_ptr, N, K, W,
                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr):
     """out[g, k, :] = Σ over the points of component k (rows perm[g, off[g,k] : off[g,k+1]]) of
@@ -517,13 +632,16 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _blocks(cov: str, D: int) -> dict:
-    """Block shapes per covariance type and D (see the module docstring for their origin)."""
+def _blocks(cov: str, D: int, acc: torch.dtype = torch.float32) -> dict:
+    """Block shapes per covariance type, D and accumulation dtype (module docstring).
+    full: the D×D product in BLOCK_C × BLOCK_C blocks, one block up to FULL_ONE_MAX (ONE_C);
+    diag/spherical (and the target kernels): [BLOCK_N, BLOCK_K, BLOCK_D] tiles, half the
+    components per tile in float64 (twice the registers per value)."""
     if cov == "full":
-        bd = max(16, _pow2(D))
-        return dict(BLOCK_N=32, BLOCK_D=bd, num_warps=8 if bd >= 64 else 4)
-    bd = min(16, _pow2(D))
-    return dict(BLOCK_N=32, BLOCK_K=16, BLOCK_D=bd, num_warps=4)
+        bc = max(16, _pow2(D)) if D <= FULL_ONE_MAX else FULL_CHUNK
+        return dict(BLOCK_N=32, BLOCK_C=bc, ONE_C=D <= bc, num_warps=8 if bc >= 64 or D > bc else 4)
+    bd = 4 if D <= 4 else 16
+    return dict(BLOCK_N=32, BLOCK_K=8 if acc == torch.float64 else 16, BLOCK_D=bd, num_warps=4)
 
 
 def _constants(means, prec, logits, cov, acc):
@@ -561,12 +679,12 @@ def log_prob_fwd(x, means, prec, logits, cov):
     if K == 0:
         return out.fill_(float("-inf"))
     sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
-    b = _blocks(cov, D)
+    b = _blocks(cov, D, acc)
     grid = (triton.cdiv(N, b["BLOCK_N"]), G)
     if cov == "full":
         _launch(_fwd_full_kernel)[grid](x, means, prec, a, out, N, K, D, sxg, sxn, smg, smk, spg, spk, K, N,
-                                        BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], ACC=acc_tl,
-                                        num_warps=b["num_warps"])
+                                        ONE_C=b["ONE_C"], BLOCK_N=b["BLOCK_N"], BLOCK_C=b["BLOCK_C"],
+                                        ACC=acc_tl, num_warps=b["num_warps"])
     else:
         _launch(_fwd_diag_kernel)[grid](x, means, prec, a, out, N, K, D, sxg, sxn, smg, smk, spg, spk, K, N,
                                         SPHERICAL=cov == "spherical", BLOCK_N=b["BLOCK_N"],
@@ -575,13 +693,13 @@ def log_prob_fwd(x, means, prec, logits, cov):
     return out
 
 
-def _splits(N, K, D, G, cov, block_n, block_k):
+def _splits(N, K, D, G, cov, block_n, block_k, elem):
     """How many point splits the parameter-gradient kernel uses (see module docstring)."""
     if interpreted():
         return 1
     k_tiles = K if cov == "full" else triton.cdiv(K, block_k)
     want = max(1, triton.cdiv(1024, max(1, k_tiles * G)))
-    per = G * K * (D * D + D + 1 if cov == "full" else 2 * D + 1) * 4
+    per = G * K * (D * D + D + 1 if cov == "full" else 2 * D + 1) * elem
     return max(1, min(want, triton.cdiv(N, block_n), _PARTIAL_BYTES // max(per, 1)))
 
 
@@ -597,11 +715,11 @@ def log_prob_bwd(grad, x, means, prec, logits, logp, cov):
     live = torch.isfinite(logp)
     g = torch.where(live, grad.to(acc), 0.0).contiguous()
     lp = logp.to(acc).contiguous()
-    b = _blocks(cov, D)
-    BN, BD = b["BLOCK_N"], b["BLOCK_D"]
-    one_d = D <= BD
-    dx = (torch.empty if one_d or cov == "full" else torch.zeros)(G, N, D, dtype=acc, device=x.device)
-    S = _splits(N, K, D, G, cov, BN, b.get("BLOCK_K", 1))
+    b = _blocks(cov, D, acc)
+    BN = b["BLOCK_N"]
+    one_d = b["ONE_C"] if cov == "full" else D <= b["BLOCK_D"]  # ∂x in registers, else in place
+    dx = (torch.empty if one_d else torch.zeros)(G, N, D, dtype=acc, device=x.device)
+    S = _splits(N, K, D, G, cov, BN, b.get("BLOCK_K", 1), torch.finfo(acc).bits // 8)
     n_per = triton.cdiv(triton.cdiv(max(N, 1), S), BN) * BN
     pw = torch.zeros(S, G, K, dtype=acc, device=x.device)
     sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
@@ -610,7 +728,7 @@ def log_prob_bwd(grad, x, means, prec, logits, logp, cov):
         if cov == "full":
             py = torch.zeros(S, G, K, D, dtype=acc, device=x.device)
             pzy = torch.zeros(S, G, K, D, D, dtype=acc, device=x.device)
-            kw = dict(BLOCK_N=BN, BLOCK_D=BD, ACC=acc_tl, num_warps=b["num_warps"])
+            kw = dict(ONE_C=one_d, BLOCK_N=BN, BLOCK_C=b["BLOCK_C"], ACC=acc_tl, num_warps=b["num_warps"])
             _launch(_bwd_x_full_kernel)[grid_x](g, lp, x, means, prec, a, dx, N, K, D, sxg, sxn, smg, smk,
                                                 spg, spk, K, N, N * D, D, **kw)
             _launch(_bwd_param_full_kernel)[(K, S, G)](g, lp, x, means, prec, a, py, pzy, pw, N, K, D, n_per,
@@ -622,7 +740,7 @@ def log_prob_bwd(grad, x, means, prec, logits, logp, cov):
             sph = cov == "spherical"
             pz = torch.zeros(S, G, K, D, dtype=acc, device=x.device)
             pzz = torch.zeros((S, G, K) if sph else (S, G, K, D), dtype=acc, device=x.device)
-            kw = dict(SPHERICAL=sph, ONE_D=one_d, BLOCK_N=BN, BLOCK_K=b["BLOCK_K"], BLOCK_D=BD, ACC=acc_tl,
+            kw = dict(SPHERICAL=sph, ONE_D=one_d, BLOCK_N=BN, BLOCK_K=b["BLOCK_K"], BLOCK_D=b["BLOCK_D"], ACC=acc_tl,
                       num_warps=b["num_warps"])
             _launch(_bwd_x_diag_kernel)[grid_x](g, lp, x, means, prec, a, dx, N, K, D, sxg, sxn, smg, smk,
                                                 spg, spk, K, N, N * D, D, **kw)
@@ -649,7 +767,7 @@ def _segment_sum(src, perm, offsets, K, acc_tl):
     out = torch.empty(G, K, W, dtype=src.dtype, device=src.device)
     if K and G:
         _launch(_segment_sum_kernel)[(K, G)](src, perm, offsets, out, N, K, W, BLOCK_N=32,
-                                             BLOCK_W=min(64, _pow2(W)), ACC=acc_tl)
+                                             BLOCK_W=16, ACC=acc_tl)
     return out
 
 
@@ -664,7 +782,7 @@ def log_prob_target_fwd(x, means, prec, target, cov):
         return out
     c = _target_consts(means, prec, cov, acc)
     sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
-    BN, BD = 32, min(64, _pow2(D))
+    BN, BD = 32, _blocks(cov, D, acc)["BLOCK_D"]
     _launch(_fwd_target_kernel)[(triton.cdiv(N, BN), G)](x, means, prec, target, c, out, N, D, sxg, sxn, smg, smk,
                                                          spg, spk, K, N, SPHERICAL=cov == "spherical",
                                                          BLOCK_N=BN, BLOCK_D=BD, ACC=acc_tl)
@@ -685,7 +803,7 @@ def log_prob_target_bwd(grad, x, means, prec, target, logp, cov):
     zz = torch.empty((G, N, 1) if sph else (G, N, D), dtype=acc, device=x.device)
     if N and G:
         sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
-        BN, BD = 32, min(64, _pow2(D))
+        BN, BD = 32, _blocks(cov, D, acc)["BLOCK_D"]
         _launch(_bwd_target_kernel)[(triton.cdiv(N, BN), G)](w, logp.contiguous(), x, means, prec, target, lz, zz,
                                                              N, D, sxg, sxn, smg, smk, spg, spk, N,
                                                              SPHERICAL=sph, BLOCK_N=BN, BLOCK_D=BD, ACC=acc_tl)
@@ -700,10 +818,6 @@ def log_prob_target_bwd(grad, x, means, prec, target, logp, cov):
     return tuple(t.to(d) for t, d in zip((gx, gmu, gprec), in_dtypes))
 
 
-def full_supported(D: int) -> bool:
-    return D <= FULL_MAX_D
-
-
 # --- op registration and autograd -------------------------------------------------------------
 
 
@@ -711,16 +825,12 @@ def full_supported(D: int) -> bool:
 @torch.library.triton_op("fastgmmdiff::log_prob_triton", mutates_args=())
 def log_prob_triton(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
                     covariance_type: str) -> Tensor:
-    if covariance_type == "full" and not full_supported(means.shape[-1]):
-        return _torch_ops.log_prob_fwd(x, means, prec_chol, logits, covariance_type)
     return log_prob_fwd(x, means, prec_chol, logits, covariance_type)
 
 
 @torch.library.triton_op("fastgmmdiff::log_prob_triton_backward", mutates_args=())
 def log_prob_triton_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
                              logp: Tensor, covariance_type: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if covariance_type == "full" and not full_supported(means.shape[-1]):
-        return _torch_ops.log_prob_bwd(grad, x, means, prec_chol, logits, logp, covariance_type)
     return log_prob_bwd(grad, x, means, prec_chol, logits, logp, covariance_type)
 
 

@@ -41,7 +41,8 @@ def _check(p, cov, op="log_prob", target=None, normalize=True):
 @pytest.mark.parametrize("cov", COVS)
 @pytest.mark.parametrize("G,N,K,D,x_batched", [
     (None, 1, 1, 1, True), (None, 37, 5, 6, True), (None, 33, 17, 19, True),   # D > BLOCK_D
-    (3, 29, 4, 5, True), (3, 29, 4, 5, False), (2, 65, 33, 3, True)])
+    (3, 29, 4, 5, True), (3, 29, 4, 5, False), (2, 65, 33, 3, True),
+    (2, 40, 3, 37, False)])  # shared x past one block (full: 2×2 blocks of the D×D product)
 def test_log_prob_matches_reference(cov, G, N, K, D, x_batched, seed):
     p = random_problem(cov, G, N=N, K=K, D=D, seed=seed, device=_device(), x_batched=x_batched,
                        requires_grad=True)
@@ -57,7 +58,8 @@ def test_float64_inputs(cov, seed):
 
 @pytest.mark.parametrize("cov", ["diag", "full"])
 def test_full_past_one_tile_and_large_d(cov, seed):
-    """D = 40 (not a power of two) and, for full, D = 130 > 128 (torch fallback inside the op)."""
+    """D = 40 (not a power of two; full: 2×2 blocks of the D×D product, the lower one skipped)
+    and, for full, D = 130 (five blocks per side, the last one partial)."""
     for D in (40,) + ((130,) if cov == "full" else ()):
         p = random_problem(cov, None, N=17, K=2, D=D, seed=seed, device=_device(), requires_grad=True)
         _check(p, cov)
@@ -106,9 +108,11 @@ def test_half_inputs_read_as_such(dtype, seed):
     assert rel_err(out, ref) <= 2 * max(rel_err(plain, ref), rel_err(ref.to(dtype), ref))
 
 
-@pytest.mark.parametrize("cov", COVS)
-def test_dead_rows_and_empty(cov, seed):
-    p = random_problem(cov, None, N=10, K=3, D=4, seed=seed, device=_device())
+@pytest.mark.parametrize("cov,D", [("diag", 4), ("spherical", 4), ("full", 4), ("diag", 40), ("full", 40)])
+def test_dead_rows_and_empty(cov, D, seed):
+    """−inf rows: an infinite coordinate, and a distance that overflows; D = 40 takes the
+    chunked paths (diag: D past one BLOCK_D; full: the D×D product in 32×32 blocks)."""
+    p = random_problem(cov, None, N=10, K=3, D=D, seed=seed, device=_device())
     x = p["x"].clone()
     x[3, 1] = float("inf")
     x[7] = 1e30  # distance overflows for every component
