@@ -1,36 +1,26 @@
-// Operator schemas of fastgmmdiff._C (one place for all of them) and the Python module stub.
+// The fastgmmdiff library's schemas (schemas.h) and the Python module stub of fastgmmdiff._C.
 // Implementations: cpu/log_prob_cpu.cpp (CPU), cuda/log_prob_cuda.cu (CUDA).  Fake
 // implementations and autograd are registered from Python (fastgmmdiff/_autograd.py).
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cuda/plan.h"
+#include "schemas.h"
+
 namespace fastgmmdiff {
 namespace cpu {
 const char* isa_name();
 }
+#ifdef FASTGMMDIFF_WITH_CUDA
+namespace cuda {
+size_t device_smem_optin(int device);  // log_prob_cuda.cu
+}
+#endif
 }  // namespace fastgmmdiff
 
-TORCH_LIBRARY(fastgmmdiff, m) {
-  // log p (float32, or float64 for float64 inputs): [G, N], or [N] when no input has the G
-  // axis (the API layout of ops.h).
-  m.def("log_prob(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, str covariance_type) -> Tensor");
-  // Gradients of Σ grad·log p w.r.t. (x, means, prec_chol, logits), each in its input's dtype.
-  m.def("log_prob_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, "
-        "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
-  // One component per point: log N(x_n; μ_t, Σ_t) [G, N] with t = target[g, n] (int64 [G, N]).
-  m.def("log_prob_target(Tensor x, Tensor means, Tensor prec_chol, Tensor target, str covariance_type) -> Tensor");
-  // Gradients of Σ grad·log N w.r.t. (x, means, prec_chol).
-  m.def("log_prob_target_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor target, "
-        "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor)");
-  // Fused NGMG (SPEC §2): (loss, logp), both result-shaped: loss = −p̃ per point, logp = log p
-  // (no target) or the target component's a_t − ½q_t (a_t = its log-normaliser, 0 when
-  // normalize), saved for the backward.
-  m.def("ngmg(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, str covariance_type, "
-        "bool normalize) -> (Tensor, Tensor)");
-  // Gradients of Σ grad·loss w.r.t. (x, means, prec_chol, logits); logits' is 0 with a target.
-  m.def("ngmg_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, "
-        "Tensor loss, Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
-}
+TORCH_LIBRARY(fastgmmdiff, m) { fastgmmdiff::define_schemas(m); }
 
 static PyObject* py_cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(fastgmmdiff::cpu::isa_name());
@@ -44,10 +34,41 @@ static PyObject* py_has_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+// cuda_limits(covariance_type, D, K, element_size, device_index) -> (reason, max_block): why the
+// CUDA kernels cannot take such a problem on that device ("" when they can), and the most points
+// per mixture the backward takes in one block (more: atomics, nondeterministic); cuda/plan.h.
+static PyObject* py_cuda_limits(PyObject*, PyObject* args) {
+  const char* cov = nullptr;
+  long long D = 0, K = 0, elem = 0;
+  int device = 0;
+  if (!PyArg_ParseTuple(args, "sLLLi", &cov, &D, &K, &elem, &device)) return nullptr;
+  std::string why;
+  int block = 0;
+#ifdef FASTGMMDIFF_WITH_CUDA
+  try {
+    const int c = fastgmmdiff::parse_cov(cov);
+    const size_t limit = fastgmmdiff::cuda::device_smem_optin(device);
+    why = fastgmmdiff::cuda::unsupported_reason(c, D, K, static_cast<size_t>(elem), limit);
+    block = fastgmmdiff::cuda::max_backward_block(c, D, static_cast<size_t>(elem), limit);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+#else
+  (void)cov, (void)D, (void)K, (void)elem, (void)device;
+  why = "fastgmmdiff._C was built without CUDA kernels";
+#endif
+  return Py_BuildValue("(si)", why.c_str(), block);
+}
+
 static PyMethodDef kMethods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS,
      "Instruction set the CPU kernels run with here (FASTGMMDIFF_CPU_ISA overrides)."},
     {"has_cuda", py_has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"cuda_limits", py_cuda_limits, METH_VARARGS,
+     "cuda_limits(covariance_type, D, K, element_size, device_index) -> (reason, max_block): why the "
+     "CUDA kernels cannot take such a problem on that device ('' when they can), and the most points "
+     "per mixture their backward takes in one block (more: atomics)."},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {

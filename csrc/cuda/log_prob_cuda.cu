@@ -10,38 +10,43 @@
 // ∂x; then threads over d (or (d, e) for full) sum the tile's contributions to ∂μ_k, ∂U_k and
 // ∂logits_k in a fixed order.  Those sums enter the final gradients linearly
 // (W/s − s S, W − π Σg, ...), so each block adds its finished share: a plain store when one
-// block covers the mixture's points (N ≤ B: deterministic), an atomicAdd otherwise.
+// block covers the mixture's points (N ≤ B: deterministic), an atomicAdd otherwise.  B is the
+// largest power of two ≤ 256 (and ≥ 32) whose shared memory fits the device (plan.h); past
+// that the op raises and backend="auto" takes the next backend.
 // Targeted ops (NGMG with `target`): one thread per point, the target component gathered;
-// parameter gradients by atomicAdd.
+// parameter gradients by atomicAdd.  A target outside [0, K) is never read through: its point
+// gets NaN (log p, and ∂x in the backward), so a range the host could not check (CUDA-graph
+// capture, torch.compile, a direct torch.ops call) shows instead of reading out of bounds.
+// The atomics paths tell torch.use_deterministic_algorithms (alertNotDeterministic).
 //
-// Dead rows (log p = −inf) and padding get g = 0 and x = 0, so every product stays finite.
+// Dead rows (log p = −inf) and padding get w = 0 and x = 0, so every product stays finite.
+// Compiled by nvcc for the package, and as plain C++ against the CPU emulation of emulation.h
+// for the tests (compat.h: FGD_CUDA_EMULATION); the kernels name no CUDA API directly.
+#include "compat.h"  // first: real CUDA or its emulation
+
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 
 #include "../ops.h"
+#include "plan.h"
 
 namespace fastgmmdiff {
 namespace cuda {
 namespace {
 
 template <typename T>
-__device__ __forceinline__ T dexp(T x) {
-  return exp(x);
-}
-template <>
-__device__ __forceinline__ float dexp<float>(float x) {
-  return __expf(x);
-}
-
-template <typename T>
 __device__ __forceinline__ T ninf() {
   return static_cast<T>(-INFINITY);
+}
+
+// Parameter stride of one component: diag D, spherical 1, full D·D.
+template <int COV>
+__device__ __forceinline__ int64_t prec_stride(int D) {
+  return COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
 }
 
 // q = ‖U_kᵀ(x − μ_k)‖² for one point (x read through `xr`, stride 1).
@@ -51,20 +56,20 @@ __device__ __forceinline__ T quad_point(const T* __restrict__ xr, const T* __res
   T q = 0;
   if (COV == kDiag) {
     for (int d = 0; d < D; ++d) {
-      const T t = (xr[d] - __ldg(mu + d)) * __ldg(pr + d);
+      const T t = (xr[d] - ldg(mu + d)) * ldg(pr + d);
       q += t * t;
     }
   } else if (COV == kSpherical) {
     for (int d = 0; d < D; ++d) {
-      const T t = xr[d] - __ldg(mu + d);
+      const T t = xr[d] - ldg(mu + d);
       q += t * t;
     }
-    const T s = __ldg(pr);
+    const T s = ldg(pr);
     q *= s * s;
   } else {
     for (int e = 0; e < D; ++e) {
       T y = 0;
-      for (int d = 0; d <= e; ++d) y += __ldg(pr + d * D + e) * (xr[d] - __ldg(mu + d));
+      for (int d = 0; d <= e; ++d) y += ldg(pr + static_cast<int64_t>(d) * D + e) * (xr[d] - ldg(mu + d));
       q += y * y;
     }
   }
@@ -88,25 +93,26 @@ __global__ void fwd_kernel(const T* __restrict__ x, const T* __restrict__ means,
   const int64_t n = (blockIdx.x % tiles) * blockDim.x + threadIdx.x;
   if (n >= N) return;
   const T* xr = x + ((Gx == 1 ? 0 : g) * N + n) * D;
-  const int64_t ps = COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
+  const int64_t ps = prec_stride<COV>(D);
   T m = ninf<T>(), s = 0;
   bool nan = false;
   for (int k = 0; k < K; ++k) {
     const int64_t gk = g * K + k;
-    const T l = __ldg(a + gk) - T(0.5) * quad_point<T, COV>(xr, means + gk * D, prec + gk * ps, D);
+    const T l = ldg(a + gk) - T(0.5) * quad_point<T, COV>(xr, means + gk * D, prec + gk * ps, D);
     if (l != l) {
       nan = true;
     } else if (l > m) {
-      s = s * dexp(m - l) + T(1);
+      s = s * dev_exp(m - l) + T(1);
       m = l;
     } else if (l > ninf<T>()) {
-      s += dexp(l - m);
+      s += dev_exp(l - m);
     }
   }
-  out[g * N + n] = nan ? static_cast<T>(NAN) : (m == ninf<T>() ? m : m + log(s));
+  out[g * N + n] = nan ? static_cast<T>(NAN) : (m == ninf<T>() ? m : m + dev_log(s));
 }
 
-// Shared memory of the backward block: xs [B][D], wy [B][D] (full), w [B], g-sum scratch.
+// Shared memory of the backward block (plan.h backward_smem): xs [B][D], wy [B][D] (full),
+// w [B], g-sum scratch [1].
 template <typename T, int COV>
 __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                            const T* __restrict__ means, const T* __restrict__ prec,
@@ -114,7 +120,7 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                            const T* __restrict__ logp, T* __restrict__ gx, T* __restrict__ gmu,
                            T* __restrict__ gprec, T* __restrict__ glog, int64_t G, int64_t Gx,
                            int64_t N, int K, int D, int64_t tiles) {
-  extern __shared__ unsigned char smem_raw[];
+  FGD_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int B = blockDim.x;
   T* xs = smem;                                   // [B][D]
@@ -126,9 +132,9 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
   const int64_t n = (blockIdx.x % tiles) * B + tid;
   const bool atomic = tiles > 1;  // several blocks share this mixture's parameter gradients
   const bool shared_x = Gx == 1 && G > 1;
-  const int64_t ps = COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
+  const int64_t ps = prec_stride<COV>(D);
 
-  const bool live = n < N && isfinite(logp[g * N + n]);
+  const bool live = n < N && dev_isfinite(logp[g * N + n]);
   const T gn = live ? grad[g * N + n] : T(0);
   const T lpn = live ? logp[g * N + n] : T(0);
   const T* xg = x + ((Gx == 1 ? 0 : g) * N) * D;
@@ -149,24 +155,26 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
     const T* pr = prec + gk * ps;
     const T* xr = xs + tid * D;
     const T q = quad_point<T, COV>(xr, mu, pr, D);
-    const T w = gn * dexp(__ldg(a + gk) - T(0.5) * q - lpn);
+    // Only live rows: for padding and dead rows the exponent (a_k − ½q with x = 0) can overflow,
+    // and 0 · inf would be NaN.  For a live row ℓ ≤ log p, so the exp is at most ~1.
+    const T w = live ? gn * dev_exp(ldg(a + gk) - T(0.5) * q - lpn) : T(0);
     ws[tid] = w;
-    if (n < N && w != T(0)) {
+    if (live && w != T(0)) {  // padding threads (n ≥ N) have no row of ∂x
       if (COV == kFull) {
         for (int e = 0; e < D; ++e) {
           T y = 0;
-          for (int d = 0; d <= e; ++d) y += __ldg(pr + d * D + e) * (xr[d] - __ldg(mu + d));
+          for (int d = 0; d <= e; ++d) y += ldg(pr + static_cast<int64_t>(d) * D + e) * (xr[d] - ldg(mu + d));
           wy[tid * D + e] = w * y;
         }
         for (int d = 0; d < D; ++d) {
           T uy = 0;
-          for (int e = d; e < D; ++e) uy += __ldg(pr + d * D + e) * wy[tid * D + e];
+          for (int e = d; e < D; ++e) uy += ldg(pr + static_cast<int64_t>(d) * D + e) * wy[tid * D + e];
           if (shared_x) atomicAdd(gxr + d, -uy); else gxr[d] -= uy;
         }
       } else {
         for (int d = 0; d < D; ++d) {
-          const T s = COV == kDiag ? __ldg(pr + d) : __ldg(pr);
-          const T v = -w * s * s * (xr[d] - __ldg(mu + d));
+          const T s = COV == kDiag ? ldg(pr + d) : ldg(pr);
+          const T v = -w * s * s * (xr[d] - ldg(mu + d));
           if (shared_x) atomicAdd(gxr + d, v); else gxr[d] += v;
         }
       }
@@ -178,28 +186,28 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
     T W = 0;
     for (int i = 0; i < B; ++i) W += ws[i];
     if (COV == kFull) {
-      for (int pair = tid; pair < D * D; pair += B) {
-        const int d = pair / D, e = pair % D;
+      for (int64_t pair = tid; pair < static_cast<int64_t>(D) * D; pair += B) {
+        const int d = static_cast<int>(pair / D), e = static_cast<int>(pair % D);
         if (e < d) continue;
         T S = 0;
-        for (int i = 0; i < B; ++i) S += (xs[i * D + d] - __ldg(mu + d)) * wy[i * D + e];
-        const T Udd = __ldg(pr + d * D + d);
-        add_out(gprec + gk * ps + d * D + e, (d == e ? W / Udd : T(0)) - S, atomic);
+        for (int i = 0; i < B; ++i) S += (xs[i * D + d] - ldg(mu + d)) * wy[i * D + e];
+        const T Udd = ldg(pr + static_cast<int64_t>(d) * D + d);
+        add_out(gprec + gk * ps + pair, (d == e ? W / Udd : T(0)) - S, atomic);
       }
       for (int d = tid; d < D; d += B) {
         T m = 0;
         for (int e = d; e < D; ++e) {
           T col = 0;
           for (int i = 0; i < B; ++i) col += wy[i * D + e];
-          m += __ldg(pr + d * D + e) * col;
+          m += ldg(pr + static_cast<int64_t>(d) * D + e) * col;
         }
         add_out(gmu + gk * D + d, m, atomic);
       }
     } else if (COV == kSpherical) {
       // ∂s_k = D W/s − s Σ_n w ‖z‖²; ∂μ_k = s² Σ_n w z.
-      const T s = __ldg(pr);
+      const T s = ldg(pr);
       for (int d = tid; d < D; d += B) {
-        const T md = __ldg(mu + d);
+        const T md = ldg(mu + d);
         T sz = 0;
         for (int i = 0; i < B; ++i) sz += ws[i] * (xs[i * D + d] - md);
         add_out(gmu + gk * D + d, s * s * sz, atomic);
@@ -209,7 +217,7 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
         for (int i = 0; i < B; ++i) {
           T zz = 0;
           for (int d = 0; d < D; ++d) {
-            const T z = xs[i * D + d] - __ldg(mu + d);
+            const T z = xs[i * D + d] - ldg(mu + d);
             zz += z * z;
           }
           szz += ws[i] * zz;
@@ -218,23 +226,24 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
       }
     } else {
       for (int d = tid; d < D; d += B) {
-        const T md = __ldg(mu + d);
+        const T md = ldg(mu + d);
         T sz = 0, szz = 0;
         for (int i = 0; i < B; ++i) {
           const T z = xs[i * D + d] - md;
           sz += ws[i] * z;
           szz += ws[i] * z * z;
         }
-        const T s = __ldg(pr + d);
+        const T s = ldg(pr + d);
         add_out(gmu + gk * D + d, s * s * sz, atomic);
         add_out(gprec + gk * D + d, W / s - s * szz, atomic);
       }
     }
-    if (tid == 0) add_out(glog + gk, W - __ldg(pi + gk) * gsum[0], atomic);
+    if (tid == 0) add_out(glog + gk, W - ldg(pi + gk) * gsum[0], atomic);
     __syncthreads();
   }
 }
 
+// log N(x_n; μ_t, Σ_t) = c_t − ½q (c = nullptr: 0, i.e. NGMG's normalised value).
 template <typename T, int COV>
 __global__ void target_fwd_kernel(const T* __restrict__ x, const T* __restrict__ means,
                                   const T* __restrict__ prec, const T* __restrict__ c,
@@ -242,11 +251,16 @@ __global__ void target_fwd_kernel(const T* __restrict__ x, const T* __restrict__
                                   int64_t G, int64_t Gx, int64_t N, int K, int D) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= G * N) return;
+  const int64_t t = target[i];
+  if (t < 0 || t >= K) {  // out of range: never read through it (module comment)
+    out[i] = static_cast<T>(NAN);
+    return;
+  }
   const int64_t g = i / N, n = i % N;
-  const int64_t gk = g * K + target[i];
-  const int64_t ps = COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
+  const int64_t gk = g * K + t;
+  const int64_t ps = prec_stride<COV>(D);
   const T* xr = x + ((Gx == 1 ? 0 : g) * N + n) * D;
-  out[i] = __ldg(c + gk) - T(0.5) * quad_point<T, COV>(xr, means + gk * D, prec + gk * ps, D);
+  out[i] = (c != nullptr ? ldg(c + gk) : T(0)) - T(0.5) * quad_point<T, COV>(xr, means + gk * D, prec + gk * ps, D);
 }
 
 template <typename T, int COV>
@@ -256,27 +270,36 @@ __global__ void target_bwd_kernel(const T* __restrict__ grad, const T* __restric
                                   T* __restrict__ gx, T* __restrict__ gmu, T* __restrict__ gprec,
                                   int64_t G, int64_t Gx, int64_t N, int K, int D) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= G * N || !isfinite(logp[i])) return;
+  if (i >= G * N) return;
+  const int64_t g = i / N, n = i % N;
+  const bool shared_x = Gx == 1 && G > 1;
+  T* gxr = gx + ((shared_x ? 0 : g) * N + n) * D;
+  const int64_t t = target[i];
+  if (t < 0 || t >= K) {
+    for (int d = 0; d < D; ++d) {
+      if (shared_x) atomicAdd(gxr + d, static_cast<T>(NAN)); else gxr[d] = static_cast<T>(NAN);
+    }
+    return;
+  }
+  if (!dev_isfinite(logp[i])) return;
   const T w = grad[i];
   if (w == T(0)) return;
-  const int64_t g = i / N, n = i % N;
-  const int64_t gk = g * K + target[i];
-  const int64_t ps = COV == kDiag ? D : COV == kSpherical ? 1 : static_cast<int64_t>(D) * D;
-  const bool shared_x = Gx == 1 && G > 1;
+  const int64_t gk = g * K + t;
+  const int64_t ps = prec_stride<COV>(D);
   const T* xr = x + ((Gx == 1 ? 0 : g) * N + n) * D;
-  T* gxr = gx + ((shared_x ? 0 : g) * N + n) * D;
   const T* mu = means + gk * D;
   const T* pr = prec + gk * ps;
   if (COV == kFull) {
     for (int d = 0; d < D; ++d) {
       // (U Uᵀ z)_d and the row d of −w z yᵀ (e ≥ d), recomputing y_e = Σ_{d' ≤ e} U[d',e] z_d'.
       T uy = 0;
-      const T zd = xr[d] - __ldg(mu + d);
+      const T zd = xr[d] - ldg(mu + d);
       for (int e = d; e < D; ++e) {
         T y = 0;
-        for (int dd = 0; dd <= e; ++dd) y += __ldg(pr + dd * D + e) * (xr[dd] - __ldg(mu + dd));
-        uy += __ldg(pr + d * D + e) * y;
-        atomicAdd(gprec + gk * ps + d * D + e, (d == e ? w / __ldg(pr + d * D + d) : T(0)) - w * zd * y);
+        for (int dd = 0; dd <= e; ++dd) y += ldg(pr + static_cast<int64_t>(dd) * D + e) * (xr[dd] - ldg(mu + dd));
+        const int64_t de = static_cast<int64_t>(d) * D + e;
+        uy += ldg(pr + de) * y;
+        atomicAdd(gprec + gk * ps + de, (d == e ? w / ldg(pr + de) : T(0)) - w * zd * y);
       }
       if (shared_x) atomicAdd(gxr + d, -w * uy); else gxr[d] = -w * uy;
       atomicAdd(gmu + gk * D + d, w * uy);
@@ -284,8 +307,8 @@ __global__ void target_bwd_kernel(const T* __restrict__ grad, const T* __restric
   } else {
     T zz = 0;
     for (int d = 0; d < D; ++d) {
-      const T s = COV == kDiag ? __ldg(pr + d) : __ldg(pr);
-      const T z = xr[d] - __ldg(mu + d);
+      const T s = COV == kDiag ? ldg(pr + d) : ldg(pr);
+      const T z = xr[d] - ldg(mu + d);
       const T lz = w * s * s * z;
       if (shared_x) atomicAdd(gxr + d, -lz); else gxr[d] = -lz;
       atomicAdd(gmu + gk * D + d, lz);
@@ -293,7 +316,7 @@ __global__ void target_bwd_kernel(const T* __restrict__ grad, const T* __restric
       else zz += z * z;
     }
     if (COV == kSpherical) {
-      const T s = __ldg(pr);
+      const T s = ldg(pr);
       atomicAdd(gprec + gk, D * w / s - s * w * zz);
     }
   }
@@ -302,11 +325,18 @@ __global__ void target_bwd_kernel(const T* __restrict__ grad, const T* __restric
 using Prep = Canonical;
 
 Prep prep(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec, int cov) {
-  FGD_CHECK(x.is_cuda(), "the CUDA kernels got tensors on ", x.device());
+  FGD_CHECK(on_device(x), "the CUDA kernels got tensors on ", x.device());
   Prep r = canonical(x, means, prec, cov);
-  FGD_CHECK(r.K < (int64_t{1} << 31) && r.D < (int64_t{1} << 16),
-            "the CUDA kernels take K < 2^31 and D < 65536 (got K=", r.K, ", D=", r.D, "); use backend='torch'");
+  FGD_CHECK(r.D <= kMaxD && r.K <= kMaxGridX, "the CUDA kernels take D <= ", kMaxD,
+            " and K < 2^31 (got K=", r.K, ", D=", r.D, "); use backend='triton' or 'torch'");
   return r;
+}
+
+// Blocks of a 1-D grid; the grid's limit checked by name, not left to the launch.
+unsigned grid_blocks(int64_t blocks, const char* what) {
+  FGD_CHECK(blocks <= kMaxGridX, "the CUDA ", what, " needs ", blocks, " blocks, more than a grid takes (2^31 - 1);"
+            " use backend='triton' or 'torch', or split the batch");
+  return static_cast<unsigned>(blocks);
 }
 
 #define FGD_DISPATCH_COV(cov, ...)                              \
@@ -323,35 +353,33 @@ Prep prep(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec, 
     }                                                           \
   }()
 
-int block_for(int64_t N) {
-  int b = 32;
-  while (b < 256 && b < N) b *= 2;
-  return b;
-}
+int device_index(const at::Tensor& t) { return t.is_cpu() ? 0 : t.device().index(); }
 
 }  // namespace
+
+size_t device_smem_optin(int device) { return smem_optin(device); }
 
 at::Tensor log_prob_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                          const at::Tensor& logits, c10::string_view covariance_type) {
   const int cov = parse_cov(covariance_type);
   const Views v = canonical_views(x, means, prec, logits, cov, false);
   check_layout(v.x, v.means, v.prec, v.last, cov);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   Prep r = prep(v.x, v.means, v.prec, cov);
   at::Tensor a = component_const(r.prec, v.last.to(r.x.scalar_type()), cov, r.D);
   at::Tensor out = at::empty({r.G, r.N}, r.x.options());
-  if (r.N == 0) return api_rows(out, v);
+  if (r.N == 0 || r.G == 0) return api_rows(out, v);
   const int B = block_for(r.N);
   const int64_t tiles = (r.N + B - 1) / B;
-  const dim3 grid(static_cast<unsigned>(tiles * r.G));
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(grid_blocks(tiles * r.G, "forward"));
+  const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_cuda", [&] {
     FGD_DISPATCH_COV(cov, [&] {
-      fwd_kernel<scalar_t, COV><<<grid, B, 0, stream>>>(
+      FGD_LAUNCH(grid, B, 0, stream, fwd_kernel<scalar_t, COV>)(
           r.x.data_ptr<scalar_t>(), r.means.data_ptr<scalar_t>(), r.prec.data_ptr<scalar_t>(),
           a.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), r.Gx, r.N, static_cast<int>(r.K),
           static_cast<int>(r.D), tiles);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FGD_KERNEL_LAUNCH_CHECK();
     });
   });
   return api_rows(out, v);
@@ -363,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cud
   const int cov = parse_cov(covariance_type);
   const Views v = canonical_views(x, means, prec, logits, cov, false);
   check_layout(v.x, v.means, v.prec, v.last, cov);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   Prep r = prep(v.x, v.means, v.prec, cov);
   at::Tensor g = canonical_rows(grad, v), lp = canonical_rows(logp, v);
   check_grad_logp(g, lp, r.G, r.N);
@@ -375,59 +403,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cud
   lp = lp.to(acc).contiguous();
   at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
   at::Tensor glog = at::zeros_like(lg);
-  if (r.N > 0) {
-    const int B = block_for(r.N);
-    const size_t elem = r.x.element_size();
-    const size_t smem = elem * (static_cast<size_t>(B) * r.D * (cov == kFull ? 2 : 1) + B + 1);
+  if (r.N > 0 && r.G > 0) {
+    const size_t limit = smem_optin(device_index(r.x));
+    const BackwardPlan plan = plan_backward(r.N, cov, r.D, r.x.element_size(), limit);
+    FGD_CHECK(plan.block > 0, unsupported_reason(cov, r.D, r.K, r.x.element_size(), limit),
+              "; use backend='triton' or 'torch' (backend='auto' does)");
+    const int B = plan.block;
     const int64_t tiles = (r.N + B - 1) / B;
-    const dim3 grid(static_cast<unsigned>(tiles * r.G));
-    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (tiles > 1 || (r.Gx == 1 && r.G > 1))
+      at::globalContext().alertNotDeterministic(
+          "fastgmmdiff CUDA log_prob backward (atomicAdd across blocks: more points per mixture than one "
+          "block takes, or x shared by several mixtures); the 'triton' backend is deterministic");
+    const dim3 grid(grid_blocks(tiles * r.G, "backward"));
+    const auto stream = current_stream();
     AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_backward_cuda", [&] {
       FGD_DISPATCH_COV(cov, [&] {
         auto kern = bwd_kernel<scalar_t, COV>;
-        if (smem > 48 * 1024) {
-          FGD_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)) == cudaSuccess,
-                    "D = ", r.D, " needs ", smem, " bytes of shared memory per block; use backend='triton' or 'torch'");
-        }
-        kern<<<grid, B, smem, stream>>>(
+        if (plan.smem > 48 * 1024)
+          FGD_CHECK(set_max_dynamic_smem(kern, plan.smem), "the device refused ", plan.smem,
+                    " bytes of shared memory per block (covariance_type='", cov_name(cov), "', D=", r.D,
+                    "); use backend='triton' or 'torch'");
+        FGD_LAUNCH(grid, B, plan.smem, stream, bwd_kernel<scalar_t, COV>)(
             g.data_ptr<scalar_t>(), r.x.data_ptr<scalar_t>(), r.means.data_ptr<scalar_t>(),
             r.prec.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), pi.data_ptr<scalar_t>(),
             lp.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), gmu.data_ptr<scalar_t>(),
             gprec.data_ptr<scalar_t>(), glog.data_ptr<scalar_t>(), r.G, r.Gx, r.N,
             static_cast<int>(r.K), static_cast<int>(r.D), tiles);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        FGD_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  if (cov == kFull) gprec = gprec.triu();
+  // full: the kernel writes only the upper triangle of ∂U (gprec starts at zero).
   return {fit_grad(gx, x), fit_grad(gmu, means), fit_grad(gprec, prec), fit_grad(glog, logits)};
 }
 
-at::Tensor log_prob_target_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-                                const at::Tensor& target, c10::string_view covariance_type) {
-  const int cov = parse_cov(covariance_type);
+namespace {
+
+// log N(x; μ_t, Σ_t) [G, N], or −½q_t when `normalize` (NGMG's p̃ in log).
+at::Tensor target_forward(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                          const at::Tensor& target, int cov, bool normalize) {
   const Views v = canonical_views(x, means, prec, target, cov, true);
   check_points_and_params(v.x, v.means, v.prec, cov);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   Prep r = prep(v.x, v.means, v.prec, cov);
   check_target(v.last, r.G, r.N, x);
   at::Tensor t = v.last.contiguous();
-  at::Tensor c = component_lognorm(r.prec, cov, r.D);
+  at::Tensor c = normalize ? at::Tensor() : component_lognorm(r.prec, cov, r.D);
   at::Tensor out = at::empty({r.G, r.N}, r.x.options());
   const int64_t total = r.G * r.N;
   if (total == 0) return api_rows(out, v);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(grid_blocks((total + 255) / 256, "target forward"));
+  const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_target_cuda", [&] {
     FGD_DISPATCH_COV(cov, [&] {
-      target_fwd_kernel<scalar_t, COV><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+      FGD_LAUNCH(grid, 256, 0, stream, target_fwd_kernel<scalar_t, COV>)(
           r.x.data_ptr<scalar_t>(), r.means.data_ptr<scalar_t>(), r.prec.data_ptr<scalar_t>(),
-          c.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), r.G, r.Gx, r.N,
-          static_cast<int>(r.K), static_cast<int>(r.D));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          c.defined() ? c.data_ptr<scalar_t>() : nullptr, t.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+          r.G, r.Gx, r.N, static_cast<int>(r.K), static_cast<int>(r.D));
+      FGD_KERNEL_LAUNCH_CHECK();
     });
   });
   return api_rows(out, v);
+}
+
+}  // namespace
+
+at::Tensor log_prob_target_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                                const at::Tensor& target, c10::string_view covariance_type) {
+  return target_forward(x, means, prec, target, parse_cov(covariance_type), false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
@@ -436,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
   const int cov = parse_cov(covariance_type);
   const Views v = canonical_views(x, means, prec, target, cov, true);
   check_points_and_params(v.x, v.means, v.prec, cov);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   Prep r = prep(v.x, v.means, v.prec, cov);
   check_target(v.last, r.G, r.N, x);
   at::Tensor g = canonical_rows(grad, v), lp = canonical_rows(logp, v);
@@ -448,15 +491,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
   at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
   const int64_t total = r.G * r.N;
   if (total > 0) {
-    auto stream = c10::cuda::getCurrentCUDAStream();
+    at::globalContext().alertNotDeterministic(
+        "fastgmmdiff CUDA NGMG-with-target backward (parameter gradients by atomicAdd); the 'triton' "
+        "backend is deterministic");
+    const dim3 grid(grid_blocks((total + 255) / 256, "target backward"));
+    const auto stream = current_stream();
     AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_target_backward_cuda", [&] {
       FGD_DISPATCH_COV(cov, [&] {
-        target_bwd_kernel<scalar_t, COV><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+        FGD_LAUNCH(grid, 256, 0, stream, target_bwd_kernel<scalar_t, COV>)(
             g.data_ptr<scalar_t>(), r.x.data_ptr<scalar_t>(), r.means.data_ptr<scalar_t>(),
             r.prec.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), lp.data_ptr<scalar_t>(),
             gx.data_ptr<scalar_t>(), gmu.data_ptr<scalar_t>(), gprec.data_ptr<scalar_t>(), r.G,
             r.Gx, r.N, static_cast<int>(r.K), static_cast<int>(r.D));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        FGD_KERNEL_LAUNCH_CHECK();
       });
     });
   }
@@ -464,28 +511,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
 }
 
 // Fused NGMG on CUDA: the log-density ops above plus an element-wise epilogue in ATen (the
-// CPU build fuses the epilogue into its kernels).  Same contract as the CPU op (ops.cpp).
+// CPU build fuses the epilogue into its kernels).  Same contract as the CPU op (ops.cpp,
+// schemas.h): the saved logp is log p without a target (the backward recomputes the
+// responsibilities from it), and −½q_t (normalize) or log N(x; μ_t, Σ_t) with one.
 std::tuple<at::Tensor, at::Tensor> ngmg_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                                              const at::Tensor& logits, const c10::optional<at::Tensor>& target,
                                              c10::string_view covariance_type, bool normalize) {
   const int cov = parse_cov(covariance_type);
   const int64_t D = means.size(-1);
-  at::Tensor lp;
   if (target.has_value() && target->defined()) {
-    lp = log_prob_target_cuda(x, means, prec, *target, covariance_type);
-    if (normalize) {
-      at::Tensor ln = component_lognorm(prec.to(lp.scalar_type()), cov, D);
-      lp = lp - (ln.dim() == 1 ? ln.index({*target}) : ln.gather(1, *target));
-    }
-  } else {
-    lp = log_prob_cuda(x, means, prec, logits, covariance_type);
-    if (normalize) {
-      const auto acc = lp.scalar_type();
-      at::Tensor c = at::logsumexp(component_const(prec.to(acc), logits.to(acc), cov, D), {-1});
-      lp = lp - (c.dim() == 1 ? c.unsqueeze(-1) : c);
-    }
+    const at::Tensor lp = target_forward(x, means, prec, *target, cov, normalize);
+    return {-lp.exp(), lp};
   }
-  return {-lp.exp(), lp};
+  const at::Tensor lp = log_prob_cuda(x, means, prec, logits, covariance_type);
+  if (!normalize) return {-lp.exp(), lp};
+  const auto acc = lp.scalar_type();
+  at::Tensor c = at::logsumexp(component_const(prec.to(acc), logits.to(acc), cov, D), {-1});
+  return {-(lp - (c.dim() == 1 ? c.unsqueeze(-1) : c)).exp(), lp};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngmg_backward_cuda(
@@ -503,7 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngmg_backward_cuda(
 }  // namespace cuda
 }  // namespace fastgmmdiff
 
-TORCH_LIBRARY_IMPL(fastgmmdiff, CUDA, m) {
+TORCH_LIBRARY_IMPL(FGD_CUDA_OPS_NAMESPACE, FGD_CUDA_DISPATCH_KEY, m) {
   m.impl("log_prob", &fastgmmdiff::cuda::log_prob_cuda);
   m.impl("log_prob_backward", &fastgmmdiff::cuda::log_prob_backward_cuda);
   m.impl("log_prob_target", &fastgmmdiff::cuda::log_prob_target_cuda);

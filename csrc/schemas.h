@@ -1,0 +1,31 @@
+// The operator schemas of fastgmmdiff._C, in one place: ops.cpp defines them for the package's
+// library; the CUDA emulation build (tests/cuda_emu) defines the same ones for its own.
+#pragma once
+
+#include <torch/library.h>
+
+namespace fastgmmdiff {
+
+inline void define_schemas(torch::Library& m) {
+  // log p (float32, or float64 for float64 inputs): [G, N], or [N] when no input has the G
+  // axis (the API layout of ops.h).
+  m.def("log_prob(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, str covariance_type) -> Tensor");
+  // Gradients of Σ grad·log p w.r.t. (x, means, prec_chol, logits), each in its input's dtype.
+  m.def("log_prob_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, "
+        "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One component per point: log N(x_n; μ_t, Σ_t) [G, N] with t = target[g, n] (int64 [G, N]).
+  m.def("log_prob_target(Tensor x, Tensor means, Tensor prec_chol, Tensor target, str covariance_type) -> Tensor");
+  // Gradients of Σ grad·log N w.r.t. (x, means, prec_chol).
+  m.def("log_prob_target_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor target, "
+        "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor)");
+  // Fused NGMG (SPEC §2): (loss, logp), both result-shaped: loss = −p̃ per point, logp = log p
+  // (no target) or the target component's a_t − ½q_t (a_t = its log-normaliser, 0 when
+  // normalize), saved for the backward.
+  m.def("ngmg(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, str covariance_type, "
+        "bool normalize) -> (Tensor, Tensor)");
+  // Gradients of Σ grad·loss w.r.t. (x, means, prec_chol, logits); logits' is 0 with a target.
+  m.def("ngmg_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, "
+        "Tensor loss, Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+}  // namespace fastgmmdiff
