@@ -4,9 +4,11 @@ A backend is a pair of registered ops (see ``_autograd``) plus the device types 
 a probe that says whether it can run here (and if not, why).  Nothing is swapped at import:
 ``resolve`` picks per call from the tensors' device.
 
-``backend="auto"`` takes the first available backend of ``AUTO_ORDER[device type]``; other
-device types get ``"torch"``.  The order is the measured one: see the README's "Backends"
-section, which states the rule and the measurements behind it.
+``backend="auto"`` takes the first available backend of ``AUTO_ORDER[device type]`` that can
+run the problem (a backend with limits — the CUDA kernels' shared memory per block, their D —
+says why not through ``Backend.limits``); other device types get ``"torch"``.  Asked for by
+name, a backend that cannot run the problem is an error saying why.  The order is the measured
+one: see the README's "Backends" section, which states the rule and the measurements behind it.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ class Backend:
     # [G, N]; False: the canonical layout of _checks, returning [G, N].
     api_layout: bool = False
     # True: the ops check NGMG targets' range themselves (ValueError), so the API need not
-    # read the values first (the CUDA kernels do not: an index out of range would crash them).
+    # read the values first (the CUDA kernels cannot without a sync: they give NaN instead).
     checks_target_range: bool = False
+    # limits(problem, has_target, auto) -> why this backend cannot (auto: should not) run the
+    # problem, a ``_checks.Canonical``; None when it can.  None: no limits.
+    limits: Optional[Callable] = None
 
 
 _REGISTRY: dict = {}
@@ -64,13 +69,19 @@ def available_backends() -> list:
     return [n for n in _REGISTRY if unavailable_reason(n) is None]
 
 
-def resolve(backend: str, device: torch.device) -> Backend:
+def resolve(backend: str, device: torch.device, problem=None, has_target: bool = False) -> Backend:
+    """The backend for a call: ``backend`` by name, or the first of ``AUTO_ORDER`` that is
+    available and (given the ``problem``, a ``_checks.Canonical``) has no limit against it."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("torch",)):
-            if name in _REGISTRY and unavailable_reason(name) is None:
-                return _REGISTRY[name]
+            if name not in _REGISTRY or unavailable_reason(name) is not None:
+                continue
+            b = _REGISTRY[name]
+            if problem is not None and b.limits is not None and b.limits(problem, has_target, True) is not None:
+                continue
+            return b
         return _REGISTRY["torch"]
     if backend not in _REGISTRY:
         raise ValueError(f"unknown backend {backend!r}; known: 'auto', " + ", ".join(map(repr, _REGISTRY)))
@@ -82,6 +93,11 @@ def resolve(backend: str, device: torch.device) -> Backend:
         raise ValueError(
             f"backend {backend!r} runs on {', '.join(b.device_types)} tensors; these are on {device}"
         )
+    if problem is not None and b.limits is not None:
+        why = b.limits(problem, has_target, False)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot run this problem: {why}. backend='auto' takes "
+                             "the next backend that can")
     return b
 
 
@@ -120,8 +136,40 @@ def _compiled(name):
 register(Backend("cpu", ("cpu",), lambda: _probe_compiled(False), _compiled("log_prob"),
                  _compiled("log_prob_target"), _BUILD_HINT, api_layout=True,
                  checks_target_range=True))
+@torch.compiler.assume_constant_result
+def _cuda_plan(cov: str, D: int, K: int, elem: int, device: int) -> tuple:
+    """(why the CUDA kernels cannot take such problems on this device or "", the most points per
+    mixture their backward takes in one block), from csrc/cuda/plan.h; cached."""
+    key = (cov, D, K, elem, device)
+    if key not in _CUDA_PLANS:
+        from . import _ext
+
+        _CUDA_PLANS[key] = tuple(_ext.load().cuda_limits(cov, D, K, elem, device))
+    return _CUDA_PLANS[key]
+
+
+_CUDA_PLANS: dict = {}
+
+
+def _cuda_limits(c, has_target: bool, auto: bool) -> Optional[str]:
+    """The "cuda" backend's limits (``Backend.limits``): shared memory per block of the backward
+    and D; under ``torch.use_deterministic_algorithms(True)``, ``auto`` also passes over it where
+    its backward would use atomics (a target; x shared by several mixtures; more points per
+    mixture than one block takes)."""
+    device = c.device.index if c.device.index is not None else (
+        torch.cuda.current_device() if c.device.type == "cuda" else 0)
+    why, max_block = _cuda_plan(c.covariance_type, c.D, c.K, 8 if c.dtype == torch.float64 else 4, device)
+    if why:
+        return why
+    if auto and torch.are_deterministic_algorithms_enabled():
+        x = c.api[0]
+        if has_target or (c.G > 1 and (x.dim() == 2 or x.shape[0] == 1)) or c.N > max_block:
+            return "torch.use_deterministic_algorithms(True), and the CUDA backward would use atomics here"
+    return None
+
+
 register(Backend("cuda", ("cuda",), lambda: _probe_compiled(True), _compiled("log_prob"),
-                 _compiled("log_prob_target"), _BUILD_HINT, api_layout=True))
+                 _compiled("log_prob_target"), _BUILD_HINT, api_layout=True, limits=_cuda_limits))
 
 
 # --- Triton (kernels/, installed as fastgmmdiff.kernels) ---------------------------------------

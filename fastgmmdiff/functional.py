@@ -36,11 +36,11 @@ def _run_log_prob(c: _checks.Canonical, b: _dispatch.Backend) -> Tensor:
     return lp if c.batched else lp.reshape(c.out_shape)
 
 
-def _setup(x, means, prec_chol, logits, covariance_type, backend, validate):
+def _setup(x, means, prec_chol, logits, covariance_type, backend, validate, has_target=False):
     c = _checks.prepare(x, means, prec_chol, logits, covariance_type)
     if _checks.validate_requested(validate):
         _checks.check_values(c)
-    return c, _dispatch.resolve(backend, c.device)
+    return c, _dispatch.resolve(backend, c.device, c, has_target)
 
 
 def gmm_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
@@ -142,7 +142,7 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
         backend, validate: as in :func:`gmm_log_prob`.
     """
     _checks.check_reduction(reduction)
-    c, b = _setup(z, means, prec_chol, logits, covariance_type, backend, validate)
+    c, b = _setup(z, means, prec_chol, logits, covariance_type, backend, validate, target is not None)
     if target is None:
         t = None
     else:

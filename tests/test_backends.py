@@ -32,6 +32,45 @@ def test_auto_is_torch_for_unknown_device_types():
     assert _dispatch.resolve("auto", torch.device("meta")).name == "torch"
 
 
+def test_auto_passes_over_problems_the_cuda_kernels_cannot_take(monkeypatch):
+    """The routing of backend="auto" for CUDA tensors (the decision only: no GPU here).  The
+    limits come from csrc/cuda/plan.h through _C.cuda_limits, stubbed here with the numbers an
+    H100 gives for float32 full covariance (D = 113 needs more shared memory than 256 threads
+    fit, D = 908 more than 32 threads fit)."""
+    from fastgmmdiff import _checks
+
+    monkeypatch.setitem(_dispatch._PROBED, "cuda", None)
+    monkeypatch.setitem(_dispatch._PROBED, "triton", None)
+
+    def plan(cov, D, K, elem, device):
+        if D > 907:
+            return f"the CUDA backward needs {4 * (32 * D * 2 + 33)} bytes of shared memory per block", 0
+        return "", 256 if D <= 112 else 128
+
+    monkeypatch.setattr(_dispatch, "_cuda_plan", plan)
+    cuda = torch.device("cuda", 0)
+
+    def prob(N, D, G=None, x_batched=True):
+        p = random_problem("full", G, N=N, K=2, D=D, x_batched=x_batched)
+        return _checks.prepare(*(p[k] for k in ARGS), "full")
+
+    assert _dispatch.resolve("auto", cuda, prob(300, 113)).name == "cuda"
+    assert _dispatch.resolve("auto", cuda, prob(8, 908)).name == "triton"
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run this problem: the CUDA backward needs"):
+        _dispatch.resolve("cuda", cuda, prob(8, 908))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:  # atomics only where several blocks share a mixture, x is shared, or with a target
+        assert _dispatch.resolve("auto", cuda, prob(256, 8)).name == "cuda"
+        assert _dispatch.resolve("auto", cuda, prob(257, 8)).name == "triton"
+        assert _dispatch.resolve("auto", cuda, prob(200, 113)).name == "triton"  # 128 threads per block
+        assert _dispatch.resolve("auto", cuda, prob(10, 8, G=3, x_batched=False)).name == "triton"
+        assert _dispatch.resolve("auto", cuda, prob(10, 8), has_target=True).name == "triton"
+        assert _dispatch.resolve("cuda", cuda, prob(257, 8)).name == "cuda"  # by name: torch's alert decides
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 OP_NAMES = {"torch": ("log_prob_torch", "log_prob_target_torch"), "cpu": ("log_prob", "log_prob_target")}
 
 

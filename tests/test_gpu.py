@@ -102,3 +102,50 @@ def test_torch_compile(gpu_backend):
     args = [p[k] for k in ARGS]
     f = torch.compile(lambda *a: fg.ngmg_loss(*a, "full", backend=gpu_backend), fullgraph=True)
     torch.testing.assert_close(f(*args), fg.ngmg_loss(*args, "full", backend=gpu_backend))
+
+
+def _need_cuda_backend():
+    if not torch.cuda.is_available() or "cuda" not in fg.available_backends():
+        pytest.skip("no CUDA backend")
+
+
+@pytest.mark.parametrize("cov,D", [("full", 113), ("diag", 226)])
+def test_cuda_backward_with_a_block_shrunk_to_fit_shared_memory(cov, D):
+    """float32 full D = 113 / diag D = 226 at N = 256: 256 threads need more than the opt-in
+    shared memory of an H100/H200, so the backward runs 128-thread blocks (csrc/cuda/plan.h)."""
+    _need_cuda_backend()
+    _check(_problem(cov, None, 256, 2, D, seed=7), cov, "cuda")
+
+
+def test_auto_passes_what_the_cuda_kernels_cannot_take_to_triton():
+    _need_cuda_backend()
+    from fastgmmdiff import _checks
+
+    p = _problem("full", None, 8, 1, 908, seed=8)
+    c = _checks.prepare(*(p[k] for k in ARGS), "full")
+    why, _ = _dispatch_plan(c)
+    if not why:
+        pytest.skip("this GPU's shared memory takes D = 908")
+    assert fg._dispatch.resolve("auto", c.device, c).name != "cuda"
+    with pytest.raises(ValueError, match="cannot run this problem"):
+        fg.gmm_log_prob(*(p[k] for k in ARGS), "full", backend="cuda")
+
+
+def _dispatch_plan(c):
+    from fastgmmdiff import _dispatch
+
+    return _dispatch._cuda_plan(c.covariance_type, c.D, c.K, 4, c.device.index or 0)
+
+
+def test_cuda_out_of_range_target_is_nan_not_a_crash():
+    """A direct op call skips the API's range check: the kernels give NaN for that point."""
+    _need_cuda_backend()
+    from fastgmmdiff import _ext
+
+    _ext.load()
+    p = random_problem("diag", 2, N=30, K=3, D=4, seed=9, device="cuda")
+    t = torch.randint(0, 3, (2, 30), device="cuda")
+    t[1, 4] = 3
+    lp = torch.ops.fastgmmdiff.log_prob_target(p["x"], p["means"], p["prec_chol"], t, "diag")
+    torch.cuda.synchronize()
+    assert lp[1, 4].isnan() and torch.isfinite(lp[0]).all()
