@@ -1,16 +1,37 @@
 """Loads the optional compiled extension ``fastgmmdiff._C`` once.
 
-A failed load (not built, built against another torch, missing CUDA runtime...) is logged once
-and leaves the package importable: the "cpu"/"cuda" backends then report the reason through
-``available_backends()`` and the error raised when one is asked for by name.
+The package imports without it: a failed load (not built, built against another torch, a
+missing CUDA runtime...) leaves the "cpu"/"cuda" backends unavailable, ``available_backends()``
+says so, and asking for one by name is an error that says why.  At import (``check()``), a
+build that was meant to have kernels but whose kernels do not load, or were built against
+another torch, is one :class:`CompiledKernelsWarning` naming the command that rebuilds them.
+What was built, and against which torch, is in ``fastgmmdiff/_build_info.py`` (written by
+setup.py); a pure-Python install (``FASTGMMDIFF_SKIP_BUILD=1``) warns nothing.
 """
 
 from __future__ import annotations
 
-import logging
+import warnings
 
-_log = logging.getLogger("fastgmmdiff")
 _state: dict = {}
+
+REBUILD = ("rebuild them against the installed torch: `pip install --no-build-isolation .` in the "
+           "source tree (`-e .` for an editable install), or `pip install --no-build-isolation "
+           "--force-reinstall --no-deps fastgmmdiff`")
+
+
+class CompiledKernelsWarning(UserWarning):
+    """The compiled kernels are missing or were built for another torch."""
+
+
+def build_info():
+    """(extension, torch_version) of the build: extension 'cpu', 'cpu+cuda' or 'none'; (None,
+    None) when unknown (a source tree that was never built)."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return None, None
+    return getattr(_build_info, "EXTENSION", None), getattr(_build_info, "TORCH_VERSION", None)
 
 
 def load():
@@ -28,11 +49,28 @@ def load():
             _state["module"], _state["error"] = _C, None
         except Exception as e:  # ImportError, OSError (undefined symbols), RuntimeError
             _state["module"], _state["error"] = None, f"{type(e).__name__}: {e}"
-            _log.warning("fastgmmdiff: compiled kernels unavailable (%s); using the torch backend",
-                         _state["error"])
     return _state["module"]
 
 
 def load_error():
     load()
     return _state["error"]
+
+
+def check() -> None:
+    """At import: one warning when a build with kernels cannot load them, or built them against
+    another torch (module docstring)."""
+    import torch
+
+    extension, built_for = build_info()
+    if extension == "none":
+        return
+    if load() is None:
+        if extension is None and "No module named" in (load_error() or ""):
+            return  # an unbuilt source tree: available_backends() says so when asked
+        warnings.warn(f"fastgmmdiff: the compiled kernels did not load ({load_error()}); the slower "
+                      f"'torch' backend runs instead. To get them, {REBUILD}.", CompiledKernelsWarning,
+                      stacklevel=3)
+    elif built_for is not None and built_for != torch.__version__:
+        warnings.warn(f"fastgmmdiff: the compiled kernels were built against torch {built_for}, and torch "
+                      f"{torch.__version__} is running; {REBUILD}.", CompiledKernelsWarning, stacklevel=3)

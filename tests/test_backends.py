@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastgmmdiff as fg
-from fastgmmdiff import _dispatch
+from fastgmmdiff import _dispatch, _ext
 from fastgmmdiff.testing import random_problem
 
 ARGS = ("x", "means", "prec_chol", "logits")
@@ -71,6 +71,24 @@ def test_auto_passes_over_problems_the_cuda_kernels_cannot_take(monkeypatch):
         torch.use_deterministic_algorithms(was)
 
 
+def test_backend_for_says_what_auto_picks_and_why(monkeypatch):
+    p = random_problem("full", None, N=8, K=2, D=908)
+    args = [p[k] for k in ARGS]
+    choice = fg.backend_for(*args, "full")
+    assert choice.name == _dispatch.resolve("auto", torch.device("cpu")).name
+    assert str(choice).startswith(f"backend='auto' on cpu tensors picks {choice.name!r}")
+    # CUDA tensors (the decision only): the kernels' limit is the reason given for passing over them
+    monkeypatch.setitem(_dispatch._PROBED, "cuda", None)
+    monkeypatch.setitem(_dispatch._PROBED, "triton", None)
+    monkeypatch.setattr(_dispatch, "_cuda_plan", lambda *a: ("the CUDA backward needs 232516 bytes", 0))
+    from fastgmmdiff import _checks
+
+    c = _checks.prepare(*args, "full")
+    choice = _dispatch.explain(torch.device("cuda", 0), c)
+    assert choice.name == "triton" and dict(choice.considered)["cuda"] == "the CUDA backward needs 232516 bytes"
+    assert "cuda: the CUDA backward needs" in str(choice) and "triton: picked" in str(choice)
+
+
 OP_NAMES = {"torch": ("log_prob_torch", "log_prob_target_torch"), "cpu": ("log_prob", "log_prob_target")}
 
 
@@ -124,10 +142,16 @@ def test_compiled_backend_is_built_where_required():
     assert "cpu" in fg.available_backends(), _dispatch.unavailable_reason("cpu")
 
 
+def _run(code, **env):
+    e = {k: v for k, v in os.environ.items()}
+    e.update(env)
+    return subprocess.run([sys.executable, "-W", "always", "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120, env=e)
+
+
 def test_failed_extension_load_leaves_package_importable():
-    code = textwrap.dedent("""
-        import sys, logging
-        logging.basicConfig(level=logging.WARNING)
+    r = _run("""
+        import sys
         sys.modules["fastgmmdiff._C"] = None  # import of the extension now fails
         import torch, fastgmmdiff as fg
         avail = fg.available_backends()
@@ -143,10 +167,40 @@ def test_failed_extension_load_leaves_package_importable():
             raise AssertionError("backend='cpu' should have failed")
         print("OK")
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("OK")
-    assert "compiled kernels unavailable" in r.stderr  # logged once, as a warning
+    if _ext.build_info()[0] not in (None, "none"):  # a build with kernels: one warning at import
+        assert r.stderr.count("CompiledKernelsWarning") == 1, r.stderr
+        assert "did not load" in r.stderr and "pip install --no-build-isolation" in r.stderr
+
+
+def test_kernels_built_for_another_torch_warn_once_at_import():
+    """torch upgraded after the build: one warning at import naming the rebuild command."""
+    if _ext.build_info()[0] in (None, "none"):
+        pytest.skip("no build info (a source tree that was never built, or a pure-Python install)")
+    r = _run(f"""
+        import sys, types
+        sys.modules["fastgmmdiff._build_info"] = types.SimpleNamespace(EXTENSION={_ext.build_info()[0]!r},
+                                                                       TORCH_VERSION="1.0.0")
+        import fastgmmdiff
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("CompiledKernelsWarning") == 1, r.stderr
+    assert "built against torch 1.0.0" in r.stderr and "--no-build-isolation" in r.stderr
+    quiet = _run("import fastgmmdiff")  # the build as it is: no warning
+    assert "CompiledKernelsWarning" not in quiet.stderr, quiet.stderr
+
+
+def test_pure_python_install_warns_nothing():
+    r = _run("""
+        import sys, types
+        sys.modules["fastgmmdiff._C"] = None
+        sys.modules["fastgmmdiff._build_info"] = types.SimpleNamespace(EXTENSION="none", TORCH_VERSION=None)
+        import fastgmmdiff as fg
+        assert fg.available_backends() == ["torch"] or "cpu" not in fg.available_backends()
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr, r.stderr
 
 
 def test_torch_compile_keeps_ops_in_one_graph():
