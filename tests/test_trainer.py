@@ -1,5 +1,6 @@
 """The trainer: learning, exact resume, atomic checkpoints, the NaN guard, signals, DDP, CLI."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -75,8 +76,35 @@ def test_resume_refuses_changed_settings(tmp_path):
     T.Trainer(_cfg(tmp_path, "--steps", "1")).train()
     with pytest.raises(ValueError, match="lr=0.5"):
         T.Trainer(_cfg(tmp_path, "--steps", "2", "--lr", "0.5", "--resume"))
+    with pytest.raises(SystemExit):  # the CLI says so before any work
+        _cfg(tmp_path, "--resume", name="elsewhere")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        T.Trainer(_cfg(tmp_path, "--resume", name="elsewhere"))
+        T.Trainer(dataclasses.replace(_cfg(tmp_path, name="elsewhere"), resume=True))
+
+
+def test_an_earlier_run_is_never_overwritten_silently(tmp_path, capsys):
+    first = T.Trainer(_cfg(tmp_path, "--steps", "2", "--log-every", "1"))
+    first.train()
+    out = tmp_path / "run"
+    before = {f: (out / f).read_bytes() for f in ("checkpoint.pt", "metrics.jsonl", "config.json")}
+    with pytest.raises(SystemExit):  # the CLI
+        _cfg(tmp_path, "--steps", "3")
+    assert "pass --resume to continue it, --overwrite to start afresh" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="--overwrite"):  # the API
+        T.Trainer(dataclasses.replace(first.cfg, steps=3))
+    assert {f: (out / f).read_bytes() for f in before} == before  # untouched
+    with pytest.raises(SystemExit):
+        _cfg(tmp_path, "--resume", "--overwrite")
+    again = T.Trainer(_cfg(tmp_path, "--steps", "1", "--log-every", "1", "--overwrite"))
+    assert not (out / "checkpoint.pt").exists() and (out / "metrics.jsonl").read_text() == ""
+    again.train()
+    assert [r["step"] for r in _metrics(out / "metrics.jsonl")] == [1]
+
+
+def test_help_shows_defaults_in_words():
+    text = T.build_parser().format_help()
+    assert "(default: 1500)" in text and "(default: feature)" in text
+    assert "SPEC" not in text
 
 
 def test_checkpoint_survives_a_kill_during_save(tmp_path):
@@ -242,3 +270,50 @@ def test_cli_rejects_cuda_without_a_gpu(capsys):
     with pytest.raises(SystemExit):
         T.parse_config(["--device", "cuda"])
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_missing_modules_are_named_before_any_work(tmp_path, monkeypatch, capsys):
+    """tqdm (progress bar), Pillow (sample grids), SciPy (the checker): a run must not fail
+    after training for want of one."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("PIL", "tqdm") else real(name, *a))
+    rc = T.main([a for a in TINY if a != "--no-progress"] + ["--out", str(tmp_path / "m"), "--steps", "1"])  # with the progress bar
+    assert rc == 2
+    assert "needs pillow, tqdm: pip install pillow tqdm" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "config.json").exists()  # nothing was started
+
+
+def test_a_version_1_checkpoint_still_resumes(tmp_path):
+    """Checkpoints from before the EMA became an AveragedModel and the warm-up a scheduler."""
+    base = ["--steps", "4", "--warmup", "10", "--ckpt-every", "2", "--aux", "none"]
+    tr = T.Trainer(_cfg(tmp_path, *base))
+    tr.cfg.steps = 2
+    tr.train()
+    ck = T.load_checkpoint(tr.ckpt_path)
+    old = dict(ck, version=1, ema={k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")})
+    del old["scheduler"]
+    T.save_checkpoint(old, tr.ckpt_path)
+    resumed = T.Trainer(_cfg(tmp_path, *base, "--resume"))
+    assert resumed.step == 2 and resumed._lr() == pytest.approx(1e-3 * 3 / 10)
+    for k, v in resumed.ema.module.state_dict().items():
+        assert torch.equal(v, ck["ema"]["module." + k]), k
+    assert resumed.train() == "done" and resumed.step == 4
+
+
+def test_sample_grid_marks_held_out_tiles(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fastgmmdiff.diffusion.evaluate import save_grid
+
+    path = tmp_path / "g.png"
+    save_grid(torch.zeros(3, 3, 4, 4), str(path), nrow=3, pad=2, scale=2, captions=["00", "01", "10"],
+              marked=[False, True, False], legend="digits: a, b; red: held out")
+    im = np.asarray(Image.open(path).convert("RGB"))
+    tile_left = lambda c: 2 + c * (8 + 2)  # noqa: E731  (pad + c · (scaled width + pad))
+    assert tuple(im[5, tile_left(1) - 1]) == (200, 0, 0)  # the held-out tile's frame
+    assert tuple(im[5, tile_left(0) - 1]) == (255, 255, 255)  # none around the others
+    assert tuple(im[5, tile_left(1) + 2]) == (128, 128, 128)  # the image itself
+    assert im.shape[0] == 2 + (8 + 2 + 12) + 14  # one row of tiles, its captions, the legend

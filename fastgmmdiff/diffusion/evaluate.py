@@ -21,9 +21,14 @@ import torch
 from .data import format_combination
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: int = 8, pad: int = 2, scale: int = 2) -> None:
-    """Images ``[B, C, H, W]`` in [−1, 1] → one PNG grid (Pillow)."""
-    from PIL import Image
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8, pad: int = 2, scale: int = 2,
+              captions=None, marked=None, legend: str | None = None) -> None:
+    """Images ``[B, C, H, W]`` in [−1, 1] → one PNG grid (Pillow), each tile ``scale``× larger.
+
+    ``captions``: a text under each tile (e.g. the requested feature combination); ``marked``:
+    tiles framed and captioned in red (e.g. combinations held out of training), explained by
+    ``legend`` under the grid."""
+    from PIL import Image, ImageDraw
 
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     if x.shape[1] == 1:
@@ -31,13 +36,24 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8, pad: int = 2, scal
     B, C, H, W = x.shape
     ncol = min(nrow, B)
     nr = (B + ncol - 1) // ncol
-    grid = torch.full((3, nr * (H + pad) + pad, ncol * (W + pad) + pad), 255, dtype=torch.uint8)
+    th, tw = H * scale, W * scale
+    cap = 12 if captions is not None else 0
+    foot = 14 if legend else 0
+    img = Image.new("RGB", (ncol * (tw + pad) + pad, nr * (th + pad + cap) + pad + foot), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    red = (200, 0, 0)
     for i in range(B):
         r, c = divmod(i, ncol)
-        grid[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = x[i]
-    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        left, top = pad + c * (tw + pad), pad + r * (th + pad + cap)
+        tile = Image.fromarray(x[i].permute(1, 2, 0).numpy()).resize((tw, th), Image.NEAREST)
+        img.paste(tile, (left, top))
+        hot = marked is not None and bool(marked[i])
+        if hot:
+            draw.rectangle([left - 1, top - 1, left + tw, top + th], outline=red, width=2)
+        if captions is not None:
+            draw.text((left + 1, top + th + 1), str(captions[i]), fill=red if hot else (0, 0, 0))
+    if legend:
+        draw.text((pad, img.height - foot + 1), legend, fill=red if marked is not None else (0, 0, 0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
 

@@ -10,7 +10,8 @@ combinations, :mod:`fastgmmdiff.diffusion.evaluate`).
 
 ``--resume`` continues from ``<out>/checkpoint.pt`` exactly: model, EMA, optimizer, step and
 every random stream are restored, so a resumed run logs the same losses as an uninterrupted
-one.  A non-finite loss or gradient skips the step with a warning; ``--max-bad-steps`` in a row
+one.  A folder that already holds a run is never written over silently: without ``--resume``
+it is an error, unless ``--overwrite`` (which removes the earlier run's files first).  A non-finite loss or gradient skips the step with a warning; ``--max-bad-steps`` in a row
 stop the run with :class:`TrainingDiverged`, leaving the last good checkpoint in place.
 
 Multi-process data parallel: ``torchrun --nproc_per_node 2 -m fastgmmdiff.diffusion ...``
@@ -20,7 +21,8 @@ Multi-process data parallel: ``torchrun --nproc_per_node 2 -m fastgmmdiff.diffus
 from __future__ import annotations
 
 import argparse
-import copy
+import glob
+import importlib.util
 import dataclasses
 import json
 import math
@@ -35,12 +37,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel
 
 from . import data as data_mod
 from .conditioning import AUX_KINDS, make_conditioner
 from .model import DiffusionSystem
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: EMA as torch.optim.swa_utils.AveragedModel, warm-up as an LR scheduler
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,6 +79,7 @@ class TrainConfig:
     eval_per_combination: int = 16
     max_bad_steps: int = 5
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
 
     # fields that define the model and its data: a resumed run must not change them
@@ -86,13 +90,17 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="fastgmmdiff-train",
-        description="Train a GMM-conditioned diffusion model (feature vs class conditioning, "
-                    "auxiliary classifier trained with NGMG or BCE) and report its defect rates.")
+        prog="fastgmmdiff-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a diffusion model conditioned on Gaussian mixtures over image features "
+                    "(or, as the baseline, over feature combinations), with an auxiliary classifier "
+                    "trained with the negative Gaussian mixture gradient (NGMG) or BCE, and report how "
+                    "many of its samples are defective, on combinations seen in training and held out.")
     a = p.add_argument
     a("--dataset", choices=sorted(data_mod.DATASETS), default=d.dataset)
     a("--conditioning", choices=("feature", "class"), default=d.conditioning,
-      help="GMM over features (SPEC §3) or one component per seen combination (baseline)")
+      help="feature: each feature value owns a Gaussian in its own slot of the condition vector, so an "
+           "unseen combination of values still lands where every slot was trained; class (the "
+           "baseline): one Gaussian per feature combination seen in training")
     a("--aux", choices=AUX_KINDS, default=d.aux, help="auxiliary classifier loss")
     a("--aux-weight", type=float, default=d.aux_weight, help="λ: weight of the aux loss on x̂₀")
     a("--held-out", default=None,
@@ -122,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="samples per combination for the final defect table (0: skip)")
     a("--max-bad-steps", type=int, default=d.max_bad_steps)
     a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    a("--overwrite", action="store_true",
+      help="start afresh in an --out that holds an earlier run, deleting that run's files")
     a("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -157,6 +167,13 @@ def parse_config(argv=None) -> TrainConfig:
     except ValueError as e:
         p.error(f"--held-out: {e}")
     ns.held_out = held
+    if ns.resume and ns.overwrite:
+        p.error("--resume and --overwrite exclude each other")
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the folder (torchrun)
+        try:
+            check_out_folder(ns.out, ns.resume, ns.overwrite)
+        except (FileExistsError, FileNotFoundError) as e:
+            p.error(str(e))
     try:
         _resolve_device(ns.device)
     except (ValueError, RuntimeError) as e:
@@ -170,6 +187,43 @@ def parse_config(argv=None) -> TrainConfig:
         if why is not None:
             p.error(f"--backend {ns.backend!r} is not available here: {why}")
     return TrainConfig(**vars(ns))
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json", "defects.md", "defects.json", "samples_*.png")
+
+
+def _run_files(out: str) -> list:
+    return sorted(f for pat in RUN_FILES for f in glob.glob(os.path.join(out, pat)))
+
+
+def check_out_folder(out: str, resume: bool, overwrite: bool) -> None:
+    """A run writes into ``out``: refuse to write over an earlier run unless told how (resume
+    it, or overwrite it); ``--resume`` needs the earlier run's checkpoint."""
+    if resume:
+        if not os.path.exists(os.path.join(out, "checkpoint.pt")):
+            raise FileNotFoundError(f"--resume: no checkpoint in {out!r} to continue from")
+        return
+    found = _run_files(out)
+    if found and not overwrite:
+        raise FileExistsError(
+            f"{out!r} already holds a run ({', '.join(os.path.basename(f) for f in found[:4])}"
+            f"{', ...' if len(found) > 4 else ''}): pass --resume to continue it, --overwrite to start "
+            f"afresh and delete it, or choose another --out")
+
+
+def check_requirements(cfg: "TrainConfig") -> None:
+    """Every optional module the run will need, checked before any work (a run must not fail
+    after training): tqdm for the progress bar, Pillow for the sample grids, SciPy for the
+    shapes checker, scikit-learn for the digits data and judge."""
+    need = [("PIL", "pillow"), ("scipy", "scipy")]
+    if cfg.progress:
+        need.append(("tqdm", "tqdm"))
+    if cfg.dataset == "digits":
+        need.append(("sklearn", "scikit-learn"))
+    missing = [pip for mod, pip in need if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise ModuleNotFoundError(f"fastgmmdiff-train needs {', '.join(missing)}: pip install {' '.join(missing)}"
+                                  + (" (or run with --no-progress)" if missing == ["tqdm"] else ""))
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -215,9 +269,29 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+    if not isinstance(ckpt, dict) or ckpt.get("version") not in (1, CHECKPOINT_VERSION):
         raise ValueError(f"{path} is not a fastgmmdiff trainer checkpoint (version {CHECKPOINT_VERSION})")
+    if ckpt["version"] == 1 and "ema" in ckpt:  # EMA was a plain module copy, the warm-up a formula
+        step, cfg = int(ckpt["step"]), ckpt.get("config", {})
+        w, lr = int(cfg.get("warmup", 0)), float(cfg.get("lr", 0.0))
+        ckpt["ema"] = {**{f"module.{k}": v for k, v in ckpt["ema"].items()},
+                       "n_averaged": torch.tensor(step, dtype=torch.long)}
+        ckpt["scheduler"] = {"last_epoch": step, "_step_count": step + 1, "lr_lambdas": [None],
+                             "_last_lr": [lr * (min(1.0, (step + 1) / w) if w else 1.0)]}
+        ckpt["version"] = CHECKPOINT_VERSION
     return ckpt
+
+
+def _ema_warmup(decay: float):
+    """``multi_avg_fn`` for AveragedModel: EMA with decay min(decay, (1 + n) / (10 + n)) after n
+    averaged steps (AveragedModel copies the weights at the first)."""
+    @torch.no_grad()
+    def update(ema_params, params, n_averaged):
+        d = min(decay, (1.0 + float(n_averaged)) / (10.0 + float(n_averaged)))
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, 1.0 - d)
+
+    return update
 
 
 def build_system(cfg: TrainConfig, dataset, device) -> DiffusionSystem:
@@ -234,10 +308,16 @@ def load_dataset(cfg: TrainConfig):
 # --- the trainer ----------------------------------------------------------------------------
 
 class Trainer:
+    """Trains ``cfg``'s model (module docstring): ``train()`` runs to ``cfg.steps``;
+    ``write_samples()`` and :func:`fastgmmdiff.diffusion.evaluate.defect_report` report on it.
+    Refuses an ``out`` that holds an earlier run unless ``cfg.resume`` or ``cfg.overwrite``."""
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        if self.rank == 0:  # before any work; rank 0 owns the folder
+            check_out_folder(cfg.out, cfg.resume, cfg.overwrite)
         self.device = _resolve_device(cfg.device)
         if self.world > 1:
             if self.device.type == "cuda":
@@ -251,9 +331,14 @@ class Trainer:
         self.labels = self.dataset.labels.to(self.device)
         torch.manual_seed(cfg.seed)  # parameter initialisation: identical on every rank
         self.system = build_system(cfg, self.dataset, self.device)
-        self.ema = copy.deepcopy(self.system.denoiser).requires_grad_(False)
+        # EMA of the denoiser's weights (sampled from): torch's AveragedModel with an EMA whose
+        # decay warms up as min(ema_decay, (1 + n) / (10 + n)), so that a short run's EMA is not
+        # dominated by its first weights (get_ema_multi_avg_fn's decay is constant).
+        self.ema = AveragedModel(self.system.denoiser, multi_avg_fn=_ema_warmup(cfg.ema_decay), use_buffers=True)
         self.opt = torch.optim.AdamW([p for p in self.system.parameters() if p.requires_grad],
                                      lr=cfg.lr, weight_decay=0.0)
+        w = cfg.warmup  # linear learning-rate warm-up over w steps, stepped once per train_step
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
         self.model = self.system
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -271,6 +356,8 @@ class Trainer:
         if cfg.resume:
             self._resume()
         elif self.is_main:
+            for f in _run_files(cfg.out):  # --overwrite (check_out_folder refused otherwise)
+                os.unlink(f)
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=1)
             open(self.metrics_path, "w").close()
@@ -283,7 +370,7 @@ class Trainer:
             dist.all_gather_object(gens, self.gen.get_state().cpu())
         return {"version": CHECKPOINT_VERSION, "step": self.step, "config": dataclasses.asdict(self.cfg),
                 "model": self.system.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.opt.state_dict(), "generators": gens,
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "generators": gens,
                 "torch_rng": torch.get_rng_state(), "bad_in_row": self.bad_in_row}
 
     def save(self) -> None:
@@ -304,6 +391,7 @@ class Trainer:
         self.system.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
         self.gen.set_state(ckpt["generators"][self.rank].to(self.gen.get_state().device))
         torch.set_rng_state(ckpt["torch_rng"])
         self.step = int(ckpt["step"])
@@ -317,14 +405,12 @@ class Trainer:
 
     # -- one step --
     def _lr(self) -> float:
-        w = self.cfg.warmup
-        return self.cfg.lr * min(1.0, (self.step + 1) / w) if w else self.cfg.lr
+        """The learning rate of the next step (the scheduler's)."""
+        return self.sched.get_last_lr()[0]
 
     def train_step(self) -> dict:
         idx = torch.randint(0, len(self.images), (self.cfg.batch_size,), device=self.device, generator=self.gen)
         x0, labels = self.images[idx], self.labels[idx]
-        for group in self.opt.param_groups:
-            group["lr"] = self._lr()
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             losses = self.model(x0, labels, self.gen)
@@ -339,7 +425,7 @@ class Trainer:
         out["grad_norm"] = float(gnorm)
         if bool(ok):
             self.opt.step()
-            self._ema_update()
+            self.ema.update_parameters(self.system.denoiser)
             self.bad_in_row = 0
             out["skipped"] = False
         else:
@@ -347,15 +433,8 @@ class Trainer:
             self.bad_in_row += 1
             out["skipped"] = True
         self.step += 1
+        self.sched.step()  # every step, skipped or not: the schedule follows the step count
         return out
-
-    @torch.no_grad()
-    def _ema_update(self) -> None:
-        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        for e, p in zip(self.ema.parameters(), self.system.denoiser.parameters()):
-            e.lerp_(p.detach(), 1 - decay)
-        for e, b in zip(self.ema.buffers(), self.system.denoiser.buffers()):
-            e.copy_(b)
 
     # -- loop --
     def _on_signal(self, signum, frame):
@@ -432,15 +511,26 @@ class Trainer:
             return None
         from .evaluate import save_grid
 
-        combos = torch.tensor(self.dataset.combinations(), device=self.device)
-        imgs = self.sample(combos)
+        from .data import format_combination
+
+        combos = self.dataset.combinations()
+        imgs = self.sample(torch.tensor(combos, device=self.device))
+        held = set(self.dataset.held_out)
+        names = "digits: " + ", ".join(n for n, _ in self.dataset.features)
         path = os.path.join(self.cfg.out, f"samples_{self.step:06d}.png")
-        save_grid(imgs, path, nrow=8)
+        save_grid(imgs, path, nrow=8, captions=[format_combination(c) for c in combos],
+                  marked=[c in held for c in combos],
+                  legend=f"{names}" + ("; red: held out" if held else ""))
         return path
 
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
+    try:
+        check_requirements(cfg)
+    except ModuleNotFoundError as e:
+        print(f"[fastgmmdiff-train] error: {e}", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg)
     try:
         status = trainer.train()

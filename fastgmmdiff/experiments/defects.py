@@ -14,6 +14,7 @@ reused (its ``defects.json``), an unfinished one resumes from its checkpoint.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -47,6 +48,8 @@ def run_one(out, conditioning, aux, seed, args) -> dict:
         argv.append("--no-progress")
     if os.path.exists(os.path.join(folder, "checkpoint.pt")):
         argv.append("--resume")
+    elif T._run_files(folder):  # stopped before its first checkpoint: start that run afresh
+        argv.append("--overwrite")
     cfg = T.parse_config(argv)
     t0 = time.perf_counter()
     tr = T.Trainer(cfg)
@@ -140,6 +143,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or args.per_combination < 1:
         p.error("--steps and --per-combination must be >= 1")
+    if importlib.util.find_spec("matplotlib") is None:  # checked before hours of training, not after
+        p.error("the plot (defects.png) needs matplotlib: pip install matplotlib")
+    try:
+        T.check_requirements(T.TrainConfig(progress=args.progress))
+    except ModuleNotFoundError as e:
+        p.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     reports = []
     for seed in args.seeds:
