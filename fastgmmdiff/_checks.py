@@ -79,6 +79,9 @@ class Canonical:
 
 
 def check_covariance_type(covariance_type) -> str:
+    if not isinstance(covariance_type, str):
+        raise TypeError(f"covariance_type must be a string ({', '.join(map(repr, COVARIANCE_TYPES))}), "
+                        f"got {type(covariance_type).__name__}")
     if covariance_type not in COVARIANCE_TYPES:
         raise ValueError(
             f"covariance_type must be one of {', '.join(map(repr, COVARIANCE_TYPES))}; "

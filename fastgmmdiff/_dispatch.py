@@ -65,8 +65,48 @@ def unavailable_reason(name: str) -> Optional[str]:
 
 
 def available_backends() -> list:
-    """Names of the backends that can run in this process, in registry order."""
+    """Names of the backends that can run in this process, in registration order (not a
+    preference: ``backend="auto"`` follows ``AUTO_ORDER`` per device type, and
+    :func:`fastgmmdiff.backend_for` says which one it picks for given tensors, and why)."""
     return [n for n in _REGISTRY if unavailable_reason(n) is None]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What ``backend="auto"`` picks for a problem: ``name``, and for every backend of the
+    device's order the reason it was passed over (``None``: the one picked, or not reached)."""
+
+    name: str
+    device_type: str
+    considered: tuple  # ((backend, reason or None), ...) in AUTO_ORDER
+
+    def __str__(self):
+        lines = [f"backend='auto' on {self.device_type} tensors picks {self.name!r}"]
+        for name, why in self.considered:
+            lines.append(f"  {name}: {'picked' if name == self.name else why or 'not reached'}")
+        return "\n".join(lines)
+
+
+def explain(device: torch.device, problem=None, has_target: bool = False) -> BackendChoice:
+    """The reasoning of ``resolve("auto", ...)``, spelled out (see :class:`BackendChoice`)."""
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    picked = resolve("auto", device, problem, has_target).name
+    considered, reached = [], True
+    for name in order:
+        if not reached:
+            considered.append((name, None))
+            continue
+        if name == picked:
+            considered.append((name, None))
+            reached = False
+            continue
+        why = unavailable_reason(name) if name in _REGISTRY else "not registered"
+        if why is None and problem is not None and _REGISTRY[name].limits is not None:
+            why = _REGISTRY[name].limits(problem, has_target, True)
+        considered.append((name, why))
+    if picked not in order:
+        considered.append((picked, None))
+    return BackendChoice(picked, device.type, tuple(considered))
 
 
 def resolve(backend: str, device: torch.device, problem=None, has_target: bool = False) -> Backend:

@@ -108,6 +108,23 @@ def _targeted_log_prob(c: _checks.Canonical, b, t: Tensor, normalize: bool) -> T
     return lp.reshape(c.out_shape)
 
 
+def backend_for(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, covariance_type: str = "diag", *,
+                target: Tensor | None = None) -> _dispatch.BackendChoice:
+    """Which backend ``backend="auto"`` runs for these tensors, and why the ones before it in
+    the device's order were passed over (not available here, or a limit of theirs: e.g. the CUDA
+    kernels' shared memory at this D).  ``print()`` it for a readable account::
+
+        >>> print(fastgmmdiff.backend_for(x, means, prec_chol, logits))
+        backend='auto' on cpu tensors picks 'cpu'
+          cpu: picked
+          torch: not reached
+
+    ``target``: as in :func:`ngmg_loss` (the NGMG-with-target path has limits of its own).
+    """
+    c = _checks.prepare(x, means, prec_chol, logits, covariance_type)
+    return _dispatch.explain(c.device, c, target is not None)
+
+
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
@@ -141,6 +158,10 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
             ``"sum"`` or ``"none"`` (shape ``[N]`` or ``[G, N]``).
         backend, validate: as in :func:`gmm_log_prob`.
     """
+    if isinstance(covariance_type, Tensor):
+        raise TypeError("ngmg_loss: covariance_type (the fifth argument) got a tensor; did you mean "
+                        "target=...? (target is keyword-only: ngmg_loss(z, means, prec_chol, logits, "
+                        "target=labels))")
     _checks.check_reduction(reduction)
     c, b = _setup(z, means, prec_chol, logits, covariance_type, backend, validate, target is not None)
     if target is None:

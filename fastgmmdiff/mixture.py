@@ -29,6 +29,21 @@ class GaussianMixture(nn.Module):
             (scikit-learn's ``"tied"`` arrives as ``"full"`` through :meth:`from_sklearn`).
         n_mixtures: G, or None for a single mixture without the G axis.
         backend: backend used by :meth:`log_prob` and :meth:`ngmg_loss` (default ``"auto"``).
+        dtype, device: of the parameters.
+
+    Attributes:
+        logits: ``[(G,) K]`` parameter, unnormalised log weights (π = softmax(logits)).
+        means: ``[(G,) K, D]`` parameter, the component means μ_k.
+        log_prec_diag: parameter, log of the diagonal of U (log 1/σ): ``[(G,) K, D]``
+            (diag, full) or ``[(G,) K]`` (spherical).
+        prec_offdiag: ``[(G,) K, D, D]`` parameter (full only, else None): U's strict upper
+            triangle (entries on and below the diagonal are ignored).
+        covariance_type: ``"diag"``, ``"spherical"`` or ``"full"``.
+        backend: the default backend of :meth:`log_prob` and :meth:`ngmg_loss`.
+
+    ``state_dict()`` records the covariance type and the sizes (G, K, D) beside the parameters:
+    :meth:`from_state_dict` rebuilds the module from it alone, and loading it into a module of
+    another covariance type or size is an error that says which.
     """
 
     def __init__(self, n_components: int, n_features: int, covariance_type: str = "diag",
@@ -58,14 +73,17 @@ class GaussianMixture(nn.Module):
     # -- shape facts -------------------------------------------------------------------------
     @property
     def n_mixtures(self):
+        """G, the number of mixtures, or None for a single mixture held without the G axis."""
         return self.means.shape[0] if self.means.dim() == 3 else None
 
     @property
     def n_components(self) -> int:
+        """K, the number of components of each mixture."""
         return self.means.shape[-2]
 
     @property
     def n_features(self) -> int:
+        """D, the dimension of the points."""
         return self.means.shape[-1]
 
     @property
@@ -78,7 +96,45 @@ class GaussianMixture(nn.Module):
 
     @property
     def weights(self) -> Tensor:
+        """π = softmax(logits), ``[(G,) K]`` (scikit-learn's ``weights_``); differentiable."""
         return torch.softmax(self.logits, -1)
+
+    # -- state_dict: the structure travels with the parameters --------------------------------
+    def get_extra_state(self) -> dict:
+        return {"covariance_type": self.covariance_type, "n_mixtures": self.n_mixtures,
+                "n_components": self.n_components, "n_features": self.n_features}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = self.get_extra_state()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError("this state_dict is of a GaussianMixture with " + ", ".join(
+                f"{k}={a!r} (this module: {b!r})" for k, (a, b) in diff.items())
+                + "; build one from it with GaussianMixture.from_state_dict(state_dict)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "_extra_state"  # state_dicts saved before it was recorded load as before
+        if key in missing_keys:
+            missing_keys.remove(key)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, *, backend: str = "auto", device=None) -> "GaussianMixture":
+        """A module rebuilt from ``state_dict()`` alone (older state dicts without the recorded
+        structure: the covariance type and sizes are read from the parameters' shapes)."""
+        extra = state_dict.get("_extra_state")
+        if extra is None:
+            means, diag = state_dict["means"], state_dict["log_prec_diag"]
+            full = state_dict.get("prec_offdiag") is not None
+            extra = dict(covariance_type="full" if full else ("spherical" if diag.dim() < means.dim() else "diag"),
+                         n_mixtures=means.shape[0] if means.dim() == 3 else None,
+                         n_components=means.shape[-2], n_features=means.shape[-1])
+        m = cls(extra["n_components"], extra["n_features"], extra["covariance_type"], extra["n_mixtures"],
+                backend=backend, dtype=state_dict["means"].dtype, device=device)
+        m.load_state_dict(state_dict)
+        return m
 
     def extra_repr(self) -> str:
         g = "" if self.n_mixtures is None else f"n_mixtures={self.n_mixtures}, "
@@ -108,6 +164,11 @@ class GaussianMixture(nn.Module):
         Returns ``(x, component)``, like scikit-learn's ``sample``: x ``[n, D]`` (or
         ``[G, n, D]``) and the component index of each draw ``[n]`` (or ``[G, n]``).
         A draw is μ_k + U_k⁻ᵀ ε with ε ~ N(0, I), whose covariance is (U_k U_kᵀ)⁻¹.
+
+        Written here rather than with ``torch.distributions``: ``MixtureSameFamily.sample``
+        draws from every component and keeps one (K× the work: 30-80× slower than this at
+        n = 100,000, K = 64, D = 16 full on a 2-core CPU), and its ``sample`` takes no
+        ``generator``, which reproducible sampling needs.
         """
         if n < 0:
             raise ValueError(f"n must be >= 0; got {n}")

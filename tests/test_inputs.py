@@ -96,3 +96,11 @@ def test_validation_passes_on_good_input_and_allows_disabled_components():
     l[0] = float("-inf")  # a component with zero weight is legitimate
     out = fg.gmm_log_prob(x, m, p, l, validate=True)
     assert torch.isfinite(out).all()
+
+
+def test_a_positional_target_gets_a_hint():
+    x, m, p, lg = torch.randn(5, 3), torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2)
+    with pytest.raises(TypeError, match=r"did you mean target=\.\.\.\?"):
+        fg.ngmg_loss(x, m, p, lg, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="covariance_type must be a string"):
+        fg.gmm_log_prob(x, m, p, lg, torch.zeros(5))

@@ -121,3 +121,22 @@ def test_module_ngmg_and_repr():
     assert m.to_sklearn(index=1).means_.shape == (3, 4)
     with pytest.raises(ValueError, match="covariance_type"):
         fg.GaussianMixture(2, 2, "tied")
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
+@pytest.mark.parametrize("G", [None, 3])
+def test_state_dict_carries_the_structure(cov, G):
+    g = fg.GaussianMixture(4, 3, cov, n_mixtures=G)
+    with torch.no_grad():
+        g.means.normal_()
+    sd = g.state_dict()
+    h = fg.GaussianMixture.from_state_dict(sd)
+    assert (h.covariance_type, h.n_mixtures, h.n_components, h.n_features) == (cov, G, 4, 3)
+    x = torch.randn(3, 5, 3) if G else torch.randn(5, 3)
+    assert torch.equal(h.log_prob(x), g.log_prob(x))
+    old = {k: v for k, v in sd.items() if k != "_extra_state"}  # saved before the structure was
+    assert fg.GaussianMixture.from_state_dict(old).covariance_type == cov
+    fg.GaussianMixture(4, 3, cov, n_mixtures=G).load_state_dict(old)
+    other = "diag" if cov != "diag" else "full"
+    with pytest.raises(ValueError, match=f"covariance_type='{cov}' \\(this module: '{other}'\\)"):
+        fg.GaussianMixture(4, 3, other, n_mixtures=G).load_state_dict(sd)

@@ -1,0 +1,30 @@
+"""The README's quick example runs and shows what its comments say."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quick_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Quick example"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_quick_example_shows_the_pull_working():
+    ns: dict = {}
+    exec(compile(_quick_example(), "README.md (quick example)", "exec"), ns)
+    loss, z, means, labels, sigma = (ns[k] for k in ("loss", "z", "means", "labels", "sigma"))
+    assert abs(loss.item() / 256 - (-0.40)) < 0.02  # "−0.40: mean p̃ ≈ 0.4"
+    toward = torch.cosine_similarity(-z.grad, means[labels] - z.detach())
+    assert toward.min() > 0.9999  # "1.0: every point pulled toward its centre"
+    norms = z.grad.norm(dim=1)
+    assert abs(norms.median().item() - 0.26) < 0.01  # "0.26"
+    assert norms.max() <= math.exp(-0.5) / sigma * (1 + 1e-6)  # "within the bound e^{−1/2}/σ"
+    assert ns["logp"].shape == (256,)
