@@ -20,21 +20,38 @@ struct ChunkPlan {
   int64_t nbuf = 1;
   int64_t items = 0, G = 1;
 
+  int64_t align = 0;  // > 0: chunks start at multiples of `align` items and share one buffer
+
   // items: work items; per_g: items per mixture when items are g-major (batched x);
   // buf_bytes: bytes of one set of parameter-gradient buffers.
   // work: total element-operations; a chunk gets at least ~2^18 of them.
-  ChunkPlan(int64_t items_, int64_t G_, bool shared, int64_t buf_bytes, int64_t work)
+  // align_ > 0 (row tiles): items are consecutive rows, and a chunk boundary at a multiple of
+  // align_ items is a mixture boundary, so chunks own their mixtures' sums in one buffer (no
+  // per-chunk copies to zero and fold) and each mixture is summed in row order whatever the
+  // chunk count.
+  ChunkPlan(int64_t items_, int64_t G_, bool shared, int64_t buf_bytes, int64_t work, int64_t align_ = 0)
       : items(items_), G(G_) {
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     chunks = std::min<int64_t>(threads, std::max<int64_t>(items, 1));
     chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, work >> 18));
+    if (align_ > 0) {
+      align = align_;
+      chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, items / align));
+      nbuf = 1;
+      return;
+    }
     chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, buf_bytes)));
     own_mixtures = !shared && G >= chunks;
     nbuf = own_mixtures ? 1 : chunks;
   }
   // Item range and buffer index of chunk c.
   void range(int64_t c, int64_t* b, int64_t* e, int64_t* buf) const {
-    if (own_mixtures) {
+    if (align > 0) {
+      const int64_t units = (items + align - 1) / align;
+      *b = std::min(items, (c * units / chunks) * align);
+      *e = std::min(items, ((c + 1) * units / chunks) * align);
+      *buf = 0;
+    } else if (own_mixtures) {
       const int64_t per_g = items / G;
       *b = (c * G / chunks) * per_g;
       *e = ((c + 1) * G / chunks) * per_g;

@@ -2,6 +2,7 @@
 // per-component constant, parallel work split (torch's intra-op pool), deterministic
 // reduction of the backward's per-chunk sums, and the final parameter-gradient formulas.
 // The kernels themselves are in kernels.inc (compiled once per instruction set).
+#include <numeric>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -206,9 +207,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(const P
 
   const int64_t ps = r.cov == kDiag ? r.D : r.cov == kSpherical ? 1 : r.D * r.D;
   const int64_t buf_elems = r.G * r.K * (r.D + ps + 1);
-  // Row tiles mix mixtures within an item: every chunk gets its own sums (as for shared x).
-  const ChunkPlan plan(items, r.G, shared || row_tiles(r), buf_elems * static_cast<int64_t>(r.x.element_size()),
-                       items * work_per_item(r));
+  // Row tiles mix mixtures within an item, but a chunk that starts at a row g·N starts at a
+  // mixture: every (N / gcd(N, P))-th item does, so chunks aligned to that own their mixtures.
+  const int64_t align = row_tiles(r) ? r.N / std::gcd<int64_t>(r.N, kTile) : 0;
+  const ChunkPlan plan(items, r.G, shared, buf_elems * static_cast<int64_t>(r.x.element_size()),
+                       items * work_per_item(r), align);
   at::Tensor gmu = at::empty_like(r.means), gprec = at::empty_like(r.prec),
              glog = at::empty({r.G, r.K}, r.x.options());
 
