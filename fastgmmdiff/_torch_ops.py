@@ -99,6 +99,22 @@ def log_prob_fwd(x: Tensor, means: Tensor, prec: Tensor, logits: Tensor, cov: st
     return out
 
 
+def component_log_prob(x: Tensor, means: Tensor, prec: Tensor, logits: Tensor, cov: str) -> Tensor:
+    """ℓ_nk (log π_k + log N(x_n; μ_k, Σ_k)): [G, N, K] in the accumulation dtype, differentiable
+    (plain autograd), computed in chunks of points so the [G, C, K, D] work space stays bounded.
+    The N·K result is the point (responsibilities, ``MixtureOfGaussians.posterior``)."""
+    x, means, prec, logits, const = _prepare(x, means, prec, logits, cov)
+    G, K, D = means.shape
+    N = x.shape[1]
+    C = _chunk(G, K, D)
+    parts = []
+    for n0 in range(0, N, C):
+        z = x[:, n0:n0 + C, None, :] - means[:, None]
+        _, q = _quad(z, prec, cov)
+        parts.append(const[:, None, :] - 0.5 * q)
+    return torch.cat(parts, 1) if parts else x.new_zeros(G, 0, K)
+
+
 def log_prob_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, logits: Tensor,
                  logp: Tensor, cov: str):
     """Gradients (x, means, prec_chol, logits) of Σ grad·log p, each in its input's dtype."""

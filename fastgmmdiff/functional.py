@@ -55,7 +55,11 @@ def gmm_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
 
     Args:
         x: points, ``[N, D]`` or ``[G, N, D]``. A ``[N, D]`` x under G mixtures is evaluated
-            under every mixture.
+            under every mixture (the *outer* form: ``[G, N]`` results, G·N work); ``[G, N, D]``
+            pairs the points of row g with mixture g. A mixture-density network's one point per
+            mixture is ``x.unsqueeze(1)``: ``[G, 1, D]`` → ``[G, 1]`` (or use
+            :class:`fastgmmdiff.distributions.MixtureOfGaussians`, which takes torch's
+            broadcasting). ``[N, D]`` with N = G > 1 warns (:class:`OuterEvaluationWarning`).
         means: ``[K, D]`` or ``[G, K, D]``.
         prec_chol: Cholesky factor U of the precision Λ = U Uᵀ (scikit-learn's
             ``precisions_cholesky_``): diag ``[K, D]`` and spherical ``[K]`` hold 1/σ; full
@@ -74,10 +78,38 @@ def gmm_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
         density underflows or whose distance overflows gets −inf and zero gradients.
     """
     c, b = _setup(x, means, prec_chol, logits, covariance_type, backend, validate)
+    _warn_outer(c, x, "gmm_log_prob")
+    return _log_prob_of(c, b)
+
+
+def _log_prob_of(c: _checks.Canonical, b) -> Tensor:
     if c.N == 0:
         return _empty_like_result(c, c.out_shape).to(c.dtype)
     logp = _run_log_prob(c, b)
     return logp if logp.dtype == c.dtype else logp.to(c.dtype)
+
+
+def _log_prob(x, means, prec_chol, logits, covariance_type, *, backend="auto") -> Tensor:
+    """:func:`gmm_log_prob` without the outer-evaluation warning (for callers that mean it)."""
+    return _log_prob_of(*_setup(x, means, prec_chol, logits, covariance_type, backend, False))
+
+
+class OuterEvaluationWarning(UserWarning):
+    """A ``[N, D]`` x under N mixtures: every point under every mixture (``[N, N]``), which is
+    what a mixture-density network's loss does *not* want."""
+
+
+def _warn_outer(c: _checks.Canonical, x: Tensor, fn: str) -> None:
+    if x.dim() == 2 and c.batched and c.G == c.N and c.G > 1:
+        import warnings
+
+        warnings.warn(
+            f"{fn}: x is [N, D] = {list(x.shape)} and the parameters hold G = {c.G} mixtures: every point is "
+            f"evaluated under every mixture, giving [G, N] = [{c.G}, {c.N}] (G·N work). For one point per "
+            "mixture (a mixture-density network: row i under mixture i) pass x.unsqueeze(1) ([G, 1, D] -> "
+            "[G, 1]) or use fastgmmdiff.distributions.MixtureOfGaussians. If you mean every point under "
+            "every mixture, pass x.expand(G, N, D) or filter fastgmmdiff.OuterEvaluationWarning.",
+            OuterEvaluationWarning, stacklevel=3)
 
 
 def _log_normalizer(c: _checks.Canonical) -> Tensor:
@@ -164,6 +196,7 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
                         "target=labels))")
     _checks.check_reduction(reduction)
     c, b = _setup(z, means, prec_chol, logits, covariance_type, backend, validate, target is not None)
+    _warn_outer(c, z, "ngmg_loss")
     if target is None:
         t = None
     else:

@@ -13,13 +13,21 @@ from .functional import gmm_log_prob, ngmg_loss
 _TYPES = ("diag", "spherical", "full")
 
 
+def _upper_flat_index(D: int, device) -> Tensor:
+    """Flat indices into a D×D matrix: the strict upper triangle row by row, then the diagonal."""
+    iu = torch.triu_indices(D, D, 1, device=device)
+    diag = torch.arange(D, device=device)
+    return torch.cat([iu[0] * D + iu[1], diag * (D + 1)])
+
+
 class GaussianMixture(nn.Module):
     """G Gaussian mixtures (or one, ``n_mixtures=None``) of K components in D dimensions.
 
     Parameters are stored so that plain gradient descent keeps them valid: ``logits``
     (π = softmax(logits)), ``means``, and the precision Cholesky factor U through
     ``log_prec_diag`` (log of its positive diagonal: 1/σ for diag/spherical) and, for
-    ``"full"``, ``prec_offdiag`` (its strict upper triangle; the rest is ignored).
+    ``"full"``, ``prec_offdiag`` (its strict upper triangle, the free entries only: an optimiser's
+    state and weight decay touch nothing else).
     ``prec_chol`` rebuilds U in scikit-learn's ``precisions_cholesky_`` convention.
 
     Args:
@@ -36,8 +44,8 @@ class GaussianMixture(nn.Module):
         means: ``[(G,) K, D]`` parameter, the component means μ_k.
         log_prec_diag: parameter, log of the diagonal of U (log 1/σ): ``[(G,) K, D]``
             (diag, full) or ``[(G,) K]`` (spherical).
-        prec_offdiag: ``[(G,) K, D, D]`` parameter (full only, else None): U's strict upper
-            triangle (entries on and below the diagonal are ignored).
+        prec_offdiag: ``[(G,) K, D(D-1)/2]`` parameter (full only, else None): U's strict upper
+            triangle, row by row (``torch.triu_indices(D, D, 1)`` order).
         covariance_type: ``"diag"``, ``"spherical"`` or ``"full"``.
         backend: the default backend of :meth:`log_prob` and :meth:`ngmg_loss`.
 
@@ -66,7 +74,7 @@ class GaussianMixture(nn.Module):
         diag_shape = G + ((K,) if covariance_type == "spherical" else (K, D))
         self.log_prec_diag = nn.Parameter(torch.zeros(diag_shape, **kw))
         if covariance_type == "full":
-            self.prec_offdiag = nn.Parameter(torch.zeros(G + (K, D, D), **kw))
+            self.prec_offdiag = nn.Parameter(torch.zeros(G + (K, D * (D - 1) // 2), **kw))
         else:
             self.register_parameter("prec_offdiag", None)
 
@@ -92,7 +100,11 @@ class GaussianMixture(nn.Module):
         s = self.log_prec_diag.exp()
         if self.covariance_type != "full":
             return s
-        return self.prec_offdiag.triu(1) + torch.diag_embed(s)
+        D = self.n_features
+        lead = s.shape[:-1]
+        idx = _upper_flat_index(D, s.device)  # strict upper triangle, then the diagonal
+        vals = torch.cat([self.prec_offdiag, s], -1)
+        return vals.new_zeros(lead + (D * D,)).scatter(-1, idx.expand(lead + idx.shape), vals).view(lead + (D, D))
 
     @property
     def weights(self) -> Tensor:
@@ -114,6 +126,12 @@ class GaussianMixture(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        key = prefix + "prec_offdiag"
+        old = state_dict.get(key)
+        if old is not None and self.prec_offdiag is not None and old.dim() == self.prec_offdiag.dim() + 1:
+            # saved before only the free entries were stored: [.., K, D, D] -> its strict upper triangle
+            iu = torch.triu_indices(old.shape[-1], old.shape[-1], 1, device=old.device)
+            state_dict[key] = old[..., iu[0], iu[1]]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         key = prefix + "_extra_state"  # state_dicts saved before it was recorded load as before
@@ -216,7 +234,8 @@ class GaussianMixture(nn.Module):
             m.logits.copy_(to(np.log(gmm.weights_)))
             if ct == "full":
                 m.log_prec_diag.copy_(to(np.log(np.diagonal(U, axis1=-2, axis2=-1))))
-                m.prec_offdiag.copy_(to(np.triu(U, 1)))
+                iu = np.triu_indices(D, 1)
+                m.prec_offdiag.copy_(to(U[:, iu[0], iu[1]]))
             else:
                 m.log_prec_diag.copy_(to(np.log(U)))
         return m

@@ -59,7 +59,7 @@ def test_sample_has_the_mixture_statistics(cov):
         m.means.copy_(torch.tensor([[1.0, -2.0]]))
         if cov == "full":
             m.log_prec_diag.copy_(torch.log(torch.tensor([[2.0, 0.5]])))
-            m.prec_offdiag.copy_(torch.tensor([[[0.0, 0.7], [0.0, 0.0]]]))
+            m.prec_offdiag.copy_(torch.tensor([[0.7]]))
         else:
             m.log_prec_diag.fill_(np.log(2.0))
     g = torch.Generator().manual_seed(1)
