@@ -191,6 +191,44 @@ def test_every_cpu_instruction_set_build(isa, cov, seed, monkeypatch):
     _check_against_reference(p, cov, "cpu")
 
 
+def _close_per_element(a, b, rtol, what):
+    a, b = a.detach().double(), b.detach().double()
+    bound = rtol * (b.abs() + b.pow(2).mean().sqrt())
+    assert bool(((a - b).abs() <= bound).all()), f"{what}: worst {((a - b).abs() / bound).max().item():.3g}× the bar"
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_point_per_mixture_edges(cov, dtype, seed, backend):
+    """N = 1 (the MDN layout; the compiled backend's fused per-row kernels): a dead row, a
+    component with weight 0 (logit −inf), a row with zero upstream gradient and a far live row,
+    element by element against the float64 reference (bars: 1e-5 values / 1e-4 gradients in
+    float32, 1e-12 / 1e-10 in float64; the rms term keeps a gradient that cancels to ~0 from
+    demanding more than the dtype has)."""
+    G, K, D = 40, 6, 5
+    p = random_problem(cov, G, N=1, K=K, D=D, dtype=dtype, seed=seed)
+    big = 1e30 if dtype == torch.float32 else 1e200  # ‖z‖² overflows the dtype: a dead row
+    with torch.no_grad():
+        p["x"][3] = big
+        p["logits"][5, 2] = float("-inf")
+        p["x"][9] = p["means"][9, 0] + 30.0  # far, but every ℓ finite
+    args = [p[k].clone().requires_grad_() for k in ARGS]
+    up = torch.randn(G, 1, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    up[7] = 0.0
+    lp = fg.gmm_log_prob(*args, cov, backend=backend)
+    grads = torch.autograd.grad(lp, args, up)
+    assert lp[3, 0] == float("-inf") and all(bool((g[3] == 0).all()) for g in grads)
+    assert all(bool((g[7] == 0).all()) for g in grads)
+    live = [g for g in range(G) if g != 3]
+    ref_args = [a.detach()[live].double().requires_grad_() for a in args]
+    ref = reference.gmm_log_prob(*ref_args, cov)
+    ref_grads = torch.autograd.grad(ref, ref_args, up[live].double())
+    vbar, gbar = (1e-5, 1e-4) if dtype == torch.float32 else (1e-12, 1e-10)
+    _close_per_element(lp[live], ref, vbar, "log p")
+    for name, g, r in zip(ARGS, grads, ref_grads):
+        _close_per_element(g[live], r, gbar, f"d/d{name}")
+
+
 @pytest.mark.parametrize("N", [1, 3])
 def test_many_tiny_mixtures_do_not_depend_on_the_thread_count(N, seed):
     """Row tiles split into chunks at mixture boundaries, each mixture summed in row order: the

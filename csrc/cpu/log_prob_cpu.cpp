@@ -105,13 +105,37 @@ void run_exp_rows(const T* x, const T* c, int64_t G, int64_t K, T* out) {
   }
 }
 
+template <typename T>
+void run_fwd_one(const Problem<T>& p, const T* lg, T* out, int64_t b, int64_t e) {
+  switch (current_isa()) {
+#if defined(__x86_64__)
+    case kAvx512: return avx512::fwd_one(p, lg, out, b, e);
+    case kAvx2: return avx2::fwd_one(p, lg, out, b, e);
+#endif
+    default: return baseline::fwd_one(p, lg, out, b, e);
+  }
+}
+
+template <typename T>
+void run_bwd_one(const Problem<T>& p, const T* lg, const T* grad, const T* logp, T* gx, T* gmu, T* gprec, T* glog,
+                 int64_t b, int64_t e) {
+  switch (current_isa()) {
+#if defined(__x86_64__)
+    case kAvx512: return avx512::bwd_one(p, lg, grad, logp, gx, gmu, gprec, glog, b, e);
+    case kAvx2: return avx2::bwd_one(p, lg, grad, logp, gx, gmu, gprec, glog, b, e);
+#endif
+    default: return baseline::bwd_one(p, lg, grad, logp, gx, gmu, gprec, glog, b, e);
+  }
+}
+
 struct Prepared : Canonical {
   at::Tensor logits, a, lse;  // a [G, K], lse [G] = logsumexp_k logits
   Views v;
 };
 
+// consts = false: leave a and lse undefined (the one-point kernels compute them per row).
 Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-                 const at::Tensor& logits, c10::string_view covariance_type) {
+                 const at::Tensor& logits, c10::string_view covariance_type, bool consts = true) {
   const int cov = parse_cov(covariance_type);
   Views v = canonical_views(x, means, prec, logits, cov, false);
   check_layout(v.x, v.means, v.prec, v.last, cov);
@@ -120,14 +144,22 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor&
   static_cast<Canonical&>(r) = canonical(v.x, v.means, v.prec, cov);
   r.logits = v.last.to(r.x.scalar_type()).contiguous();
   r.v = v;
-  r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
+  if (consts) r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
   return r;
 }
+
+bool one_point(const Prepared& r) { return use_one_point(r.cov, r.G, r.Gx, r.N, r.K, r.D); }
 
 template <typename T>
 Problem<T> problem(const Prepared& r) {
   return Problem<T>{r.G, r.Gx, r.N, r.K, r.D, r.cov,
                     r.x.data_ptr<T>(), r.means.data_ptr<T>(), r.prec.data_ptr<T>(), r.a.data_ptr<T>()};
+}
+
+template <typename T>
+Problem<T> problem_no_consts(const Prepared& r) {
+  return Problem<T>{r.G, r.Gx, r.N, r.K, r.D, r.cov, r.x.data_ptr<T>(), r.means.data_ptr<T>(), r.prec.data_ptr<T>(),
+                    nullptr};
 }
 
 bool row_tiles(const Prepared& r) { return use_row_tiles(r.cov, r.G, r.Gx, r.N, r.K, r.D); }
@@ -271,17 +303,64 @@ at::Tensor component_consts_t(const at::Tensor& logits, const at::Tensor& prec, 
   return a;
 }
 
+namespace {
+
+// Rows per parallel chunk: a row costs a few vector exps and logs besides its K·D
+// element-operations (~100 ns at K = 8, D = 2), so ~2^15 / (K·(D + 4)) rows (tens of µs) are
+// worth a thread.
+int64_t one_point_grain(const Prepared& r) {
+  return std::max<int64_t>(16, (int64_t{1} << 15) / std::max<int64_t>(1, r.K * (r.D + 4)));
+}
+
+at::Tensor forward_one(const Prepared& r) {
+  at::Tensor out = at::empty({r.G, 1}, r.x.options());
+  AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_one_cpu", [&] {
+    const Problem<scalar_t> p = problem_no_consts<scalar_t>(r);
+    const scalar_t* lg = r.logits.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, r.G, one_point_grain(r), [&](int64_t b, int64_t e) { run_fwd_one(p, lg, o, b, e); });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_one(const Prepared& r, const at::Tensor& grad,
+                                                                        const at::Tensor& logp) {
+  const auto acc = r.x.scalar_type();
+  at::Tensor g = canonical_rows(grad, r.v), lp = canonical_rows(logp, r.v);
+  check_grad_logp(g, lp, r.G, r.N);
+  g = g.to(acc).contiguous();
+  lp = lp.to(acc).contiguous();
+  at::Tensor gx = at::empty_like(r.x), gmu = at::empty_like(r.means), gprec = at::empty_like(r.prec),
+             glog = at::empty({r.G, r.K}, r.x.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_backward_one_cpu", [&] {
+    const Problem<scalar_t> p = problem_no_consts<scalar_t>(r);
+    const scalar_t* lg = r.logits.data_ptr<scalar_t>();
+    const scalar_t *gp = g.data_ptr<scalar_t>(), *lpp = lp.data_ptr<scalar_t>();
+    scalar_t *gxp = gx.data_ptr<scalar_t>(), *gmp = gmu.data_ptr<scalar_t>(), *gpp = gprec.data_ptr<scalar_t>(),
+             *glp = glog.data_ptr<scalar_t>();
+    at::parallel_for(0, r.G, one_point_grain(r), [&](int64_t b, int64_t e) {
+      run_bwd_one(p, lg, gp, lpp, gxp, gmp, gpp, glp, b, e);
+    });
+  });
+  return {gx, gmu, gprec, glog};
+}
+
+}  // namespace
+
 at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                         const at::Tensor& logits, c10::string_view covariance_type) {
-  Prepared r = prepare(x, means, prec, logits, covariance_type);
+  Prepared r = prepare(x, means, prec, logits, covariance_type, false);
+  if (one_point(r)) return api_rows(forward_one(r), r.v);
+  r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
   return api_rows(std::get<0>(forward_impl(r, Fused{})), r.v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
-  Prepared r = prepare(x, means, prec, logits, covariance_type);
-  auto gr = backward_impl(r, grad, logp, Fused{});
+  Prepared r = prepare(x, means, prec, logits, covariance_type, false);
+  if (!one_point(r)) r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
+  auto gr = one_point(r) ? backward_one(r, grad, logp) : backward_impl(r, grad, logp, Fused{});
   return {fit_grad(std::get<0>(gr), x), fit_grad(std::get<1>(gr), means), fit_grad(std::get<2>(gr), prec),
           fit_grad(std::get<3>(gr), logits)};
 }

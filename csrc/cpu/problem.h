@@ -73,6 +73,11 @@ inline bool use_row_tiles(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, 
   return cov != FULL && G > 1 && Gx == G && 2 * N <= kTile && G * K * D < (int64_t{1} << 31);  // int32 gathers
 }
 
+// One point per mixture, plain log_prob (no target, no NGMG): the fused per-row kernels.
+inline bool use_one_point(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, int64_t D) {
+  return use_row_tiles(cov, G, Gx, N, K, D) && N == 1;
+}
+
 // Work items: batched x (Gx == G): item i = (g = i / tiles, tile = i % tiles);
 // shared x (Gx == 1 < G): item i = tile i, every g inside (so gx rows have one owner).
 // consts: a [G, K] = log π_k + Σ_d log U_k[d,d] − D/2 log 2π (without log π when logits is
@@ -81,6 +86,8 @@ inline bool use_row_tiles(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, 
 // exp_rows: out [G, K] = exp(x − c[g]).
 // fwd: log p for items [begin, end) into out [G, N].
 // bwd: gx rows of those items (written, not accumulated), and `acc` += their parameter sums.
+// fwd_one / bwd_one: one point per mixture (use_one_point), rows [b, e): log p, and the final
+//   gradients of those rows' mixtures (written); a [G, K] is not used (computed per row).
 #define FASTGMMDIFF_DECLARE_KERNELS(NS)                                                        \
   namespace NS {                                                                               \
   void fwd(const Problem<float>& p, float* out, int64_t begin, int64_t end);                   \
@@ -97,6 +104,13 @@ inline bool use_row_tiles(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, 
   void lse_rows(const double* x, int64_t G, int64_t K, double* lse);                            \
   void exp_rows(const float* x, const float* c, int64_t G, int64_t K, float* out);             \
   void exp_rows(const double* x, const double* c, int64_t G, int64_t K, double* out);          \
+  void fwd_one(const Problem<float>& p, const float* logits, float* out, int64_t b, int64_t e);  \
+  void fwd_one(const Problem<double>& p, const double* logits, double* out, int64_t b, int64_t e); \
+  void bwd_one(const Problem<float>& p, const float* logits, const float* grad, const float* logp, \
+               float* gx, float* gmu, float* gprec, float* glog, int64_t b, int64_t e);        \
+  void bwd_one(const Problem<double>& p, const double* logits, const double* grad,             \
+               const double* logp, double* gx, double* gmu, double* gprec, double* glog,       \
+               int64_t b, int64_t e);                                                          \
   }
 
 FASTGMMDIFF_DECLARE_KERNELS(avx512)
