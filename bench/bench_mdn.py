@@ -91,3 +91,34 @@ def test_mdn_head(benchmark, dev, pass_, impl, B, K, D):
             torch.autograd.grad(run(**p), leaves)
             sync()
     benchmark(step)
+
+
+def round_robin(sizes=SIZES, reps: int = 300, impl: str = "fgd-cpu"):
+    """fwd+bwd of ``impl`` and MixtureSameFamily alternated call by call (order flipped every
+    round), medians of each: steadier than two separate timings on a noisy machine."""
+    import statistics
+    import time
+
+    rows = []
+    for B, K, D in sizes:
+        p = _inputs(B, K, D, "cpu")
+        leaves = [p["logits"], p["loc"], p["scale"]]
+        runs = {name: _head(name) for name in (impl, "distributions")}
+        ts = {name: [] for name in runs}
+        for i in range(reps + 20):
+            for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+                t0 = time.perf_counter()
+                torch.autograd.grad(runs[name](**p), leaves)
+                if i >= 20:
+                    ts[name].append(time.perf_counter() - t0)
+        m = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
+        rows.append((B, K, D, m[impl], m["distributions"], m["distributions"] / m[impl]))
+    print(f"| B | K | D | {impl} fwd+bwd ms | MixtureSameFamily ms | ratio |")
+    print("|---|---|---|---|---|---|")
+    for B, K, D, a, b, r in rows:
+        print(f"| {B} | {K} | {D} | {a:.3f} | {b:.3f} | {r:.2f}× |")
+    return rows
+
+
+if __name__ == "__main__":
+    round_robin()
