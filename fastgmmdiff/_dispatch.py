@@ -6,7 +6,9 @@ a probe that says whether it can run here (and if not, why).  Nothing is swapped
 
 ``backend="auto"`` takes the first available backend of ``AUTO_ORDER[device type]`` that can
 run the problem (a backend with limits — the CUDA kernels' shared memory per block, their D —
-says why not through ``Backend.limits``); other device types get ``"torch"``.  Asked for by
+says why not through ``Backend.limits``); other device types get ``"torch"``.  On CUDA
+tensors ``auto`` takes only the GPU backends a GPU run has validated (``VALIDATED``; none yet),
+so until then it is ``"torch"``.  Asked for by
 name, a backend that cannot run the problem is an error saying why.  The order is the measured
 one: see the README's "Backends" section, which states the rule and the measurements behind it.
 """
@@ -47,6 +49,26 @@ AUTO_ORDER = {
     "cpu": ("cpu", "torch"),
     "cuda": ("cuda", "triton", "torch"),
 }
+
+# Backends whose kernels a GPU run has validated (the GPU tests passed on the device and the
+# benchmarks measured them against the peers), per device type, each with where that
+# measurement is recorded.  ``"auto"`` passes over a backend of AUTO_ORDER that is not listed
+# here (the plain-PyTorch ``torch`` backend needs no GPU run), so kernels that have never run on
+# a GPU are used only when asked for by name, or when FASTGMMDIFF_AUTO_UNVALIDATED=1 (the GPU
+# check sets it to measure the intended order).
+VALIDATED = {
+    "cuda": {},  # e.g. "cuda": "bench/RESULTS.md, <card>, <date>: every GPU test passed; <ratio> on mdn"
+}
+
+
+def _not_validated(name: str, device_type: str) -> Optional[str]:
+    """Why ``auto`` should not pick backend ``name`` on ``device_type`` tensors yet, or None."""
+    if device_type not in VALIDATED or name == "torch" or name in VALIDATED[device_type]:
+        return None
+    if os.environ.get("FASTGMMDIFF_AUTO_UNVALIDATED", "") not in ("", "0"):
+        return None
+    return ("not validated on a GPU yet (no GPU run has tested and measured its kernels: bench/RESULTS.md); "
+            "ask for it by name, or set FASTGMMDIFF_AUTO_UNVALIDATED=1 to let 'auto' use it")
 
 
 def register(backend: Backend) -> None:
@@ -101,6 +123,8 @@ def explain(device: torch.device, problem=None, has_target: bool = False) -> Bac
             reached = False
             continue
         why = unavailable_reason(name) if name in _REGISTRY else "not registered"
+        if why is None:
+            why = _not_validated(name, device.type)
         if why is None and problem is not None and _REGISTRY[name].limits is not None:
             why = _REGISTRY[name].limits(problem, has_target, True)
         considered.append((name, why))
@@ -116,7 +140,7 @@ def resolve(backend: str, device: torch.device, problem=None, has_target: bool =
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("torch",)):
-            if name not in _REGISTRY or unavailable_reason(name) is not None:
+            if name not in _REGISTRY or unavailable_reason(name) is not None or _not_validated(name, device.type):
                 continue
             b = _REGISTRY[name]
             if problem is not None and b.limits is not None and b.limits(problem, has_target, True) is not None:

@@ -41,6 +41,7 @@ def test_auto_passes_over_problems_the_cuda_kernels_cannot_take(monkeypatch):
 
     monkeypatch.setitem(_dispatch._PROBED, "cuda", None)
     monkeypatch.setitem(_dispatch._PROBED, "triton", None)
+    monkeypatch.setenv("FASTGMMDIFF_AUTO_UNVALIDATED", "1")  # the intended order (none validated yet)
 
     def plan(cov, D, K, elem, device):
         if D > 907:
@@ -71,6 +72,28 @@ def test_auto_passes_over_problems_the_cuda_kernels_cannot_take(monkeypatch):
         torch.use_deterministic_algorithms(was)
 
 
+def test_auto_on_cuda_uses_only_validated_gpu_backends(monkeypatch):
+    """No GPU run has validated the CUDA or Triton kernels: auto on CUDA tensors is torch, and
+    says why; a backend entered in VALIDATED (with its measurement) is picked again."""
+    from fastgmmdiff import _checks
+
+    monkeypatch.setitem(_dispatch._PROBED, "cuda", None)
+    monkeypatch.setitem(_dispatch._PROBED, "triton", None)
+    monkeypatch.delenv("FASTGMMDIFF_AUTO_UNVALIDATED", raising=False)
+    monkeypatch.setattr(_dispatch, "_cuda_plan", lambda cov, D, K, elem, device: ("", 256))
+    cuda = torch.device("cuda", 0)
+    p = random_problem("diag", None, N=8, K=2, D=3)
+    c = _checks.prepare(*(p[k] for k in ARGS), "diag")
+    assert _dispatch.resolve("auto", cuda, c).name == "torch"
+    choice = _dispatch.explain(cuda, c)
+    assert choice.name == "torch" and "not validated on a GPU" in dict(choice.considered)["cuda"]
+    assert _dispatch.resolve("cuda", cuda, c).name == "cuda"  # by name: as asked
+    monkeypatch.setitem(_dispatch.VALIDATED["cuda"], "triton", "bench/RESULTS.md (a test entry)")
+    assert _dispatch.resolve("auto", cuda, c).name == "triton"
+    monkeypatch.setenv("FASTGMMDIFF_AUTO_UNVALIDATED", "1")
+    assert _dispatch.resolve("auto", cuda, c).name == "cuda"
+
+
 def test_backend_for_says_what_auto_picks_and_why(monkeypatch):
     p = random_problem("full", None, N=8, K=2, D=908)
     args = [p[k] for k in ARGS]
@@ -80,6 +103,7 @@ def test_backend_for_says_what_auto_picks_and_why(monkeypatch):
     # CUDA tensors (the decision only): the kernels' limit is the reason given for passing over them
     monkeypatch.setitem(_dispatch._PROBED, "cuda", None)
     monkeypatch.setitem(_dispatch._PROBED, "triton", None)
+    monkeypatch.setenv("FASTGMMDIFF_AUTO_UNVALIDATED", "1")
     monkeypatch.setattr(_dispatch, "_cuda_plan", lambda *a: ("the CUDA backward needs 232516 bytes", 0))
     from fastgmmdiff import _checks
 

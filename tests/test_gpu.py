@@ -117,8 +117,9 @@ def test_cuda_backward_with_a_block_shrunk_to_fit_shared_memory(cov, D):
     _check(_problem(cov, None, 256, 2, D, seed=7), cov, "cuda")
 
 
-def test_auto_passes_what_the_cuda_kernels_cannot_take_to_triton():
+def test_auto_passes_what_the_cuda_kernels_cannot_take_to_triton(monkeypatch):
     _need_cuda_backend()
+    monkeypatch.setenv("FASTGMMDIFF_AUTO_UNVALIDATED", "1")  # the intended order, not yet validated
     from fastgmmdiff import _checks
 
     p = _problem("full", None, 8, 1, 908, seed=8)
