@@ -11,10 +11,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quick_example() -> str:
+def _example(heading: str = "## Quick example") -> str:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Quick example"):]
+    section = text[text.index(heading):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def _quick_example() -> str:
+    return _example()
 
 
 def test_quick_example_shows_the_pull_working():
@@ -28,3 +32,13 @@ def test_quick_example_shows_the_pull_working():
     assert abs(norms.median().item() - 0.26) < 0.01  # "0.26"
     assert norms.max() <= math.exp(-0.5) / sigma * (1 + 1e-6)  # "within the bound e^{−1/2}/σ"
     assert ns["logp"].shape == (256,)
+
+
+def test_distributions_example_matches_mixture_same_family():
+    ns: dict = {}
+    exec(compile(_example("## From torch.distributions"), "README.md (torch.distributions)", "exec"), ns)
+    D, mix, y = ns["D"], ns["mix"], ns["y"]
+    ref = D.MixtureSameFamily(D.Categorical(logits=ns["logits"]), D.Independent(D.Normal(ns["loc"], ns["scale"]), 1))
+    assert mix.log_prob(y).shape == (512,)
+    torch.testing.assert_close(mix.log_prob(y), ref.log_prob(y), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(ns["loss"])
