@@ -42,3 +42,14 @@ def test_distributions_example_matches_mixture_same_family():
     assert mix.log_prob(y).shape == (512,)
     torch.testing.assert_close(mix.log_prob(y), ref.log_prob(y), rtol=1e-5, atol=1e-5)
     assert torch.isfinite(ns["loss"])
+
+
+def test_env_sh_rebuilds_on_every_switch_setup_py_reads():
+    """scripts/env.sh reuses the built extension unless its build key changes: the key must
+    hold every FASTGMMDIFF_* switch setup.py reads, and no run-time one (FASTGMMDIFF_TEST_PACKAGING
+    is set by .ci/run only, so keying on it rebuilt the extension between CI and the trainer)."""
+    setup_vars = set(re.findall(r"FASTGMMDIFF_[A-Z_]+", (ROOT / "setup.py").read_text()))
+    env = (ROOT / "scripts" / "env.sh").read_text()
+    block = env[env.index("build_key="):env.index("print(h.hexdigest())")]
+    keyed = set(re.findall(r'"(FASTGMMDIFF_[A-Z_]+)"', block))
+    assert setup_vars and keyed == setup_vars
