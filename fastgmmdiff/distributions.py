@@ -76,6 +76,26 @@ _CONSTRAINTS = {
 }
 
 
+class _Reciprocal(torch.autograd.Function):
+    """1/σ with a backward of one fused pass chain, −g·u² (autograd's `1.0 / σ` runs ~6 passes
+    over [B, K, D] in its backward: at an MDN's sizes that cost more than the kernels)."""
+
+    @staticmethod
+    def forward(ctx, s):
+        u = torch.reciprocal(s)
+        ctx.save_for_backward(u)
+        return u
+
+    @staticmethod
+    def backward(ctx, g):
+        (u,) = ctx.saved_tensors
+        return torch.mul(g, u).mul_(u).neg_()
+
+
+def _reciprocal(s: Tensor) -> Tensor:
+    return _Reciprocal.apply(s) if s.requires_grad else torch.reciprocal(s)
+
+
 def _matrix_type(m: Tensor) -> str:
     return "tied" if m.dim() == 2 else "full"
 
@@ -168,10 +188,10 @@ class MixtureOfGaussians(Distribution):
 
         # U for the kernels, kept as compact as given (no batch axes a tensor does not have).
         if self.covariance_type == "spherical":
-            u = (1.0 / p)[..., 0]
+            u = _reciprocal(p)[..., 0]
             u = u.expand(u.shape[:-1] + (K,)) if u.dim() >= 1 else u.expand(K)
         elif self.covariance_type == "diag":
-            u = 1.0 / p
+            u = _reciprocal(p)
             u = u.expand(u.shape[:-2] + (K, D))
         else:
             to_u = {"scale_tril": convert.scale_tril_to_prec_chol,
