@@ -6,7 +6,8 @@ PyTorch tensor ops in place of a kernel:
 * forward: for each chunk of points, ℓ_nk = a_k − ½‖U_kᵀ(x_n − μ_k)‖² with
   a_k = log π_k + Σ_d log U_k[d,d] − D/2·log 2π, then log p_n = logsumexp_k ℓ_nk.
   Only log p (N floats per mixture) is kept.
-* backward: recompute ℓ for the chunk, r_nk = exp(ℓ_nk − log p_n), w_nk = g_n r_nk and the
+* backward: recompute ℓ for the chunk, r_nk = softmax_k ℓ_nk (= exp(ℓ_nk − log p_n), computed
+  from the row's maximum and sum so that log p's rounding does not enter), w_nk = g_n r_nk and the
   gradients of SPEC §1 written out by hand (no autograd through the chunk):
 
       ∂x_n = −Σ_k w_nk Λ_k z_nk            ∂μ_k = Σ_n w_nk Λ_k z_nk
@@ -124,7 +125,6 @@ def log_prob_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, logits: T
     Gx, N, _ = x.shape
     dead = ~torch.isfinite(logp)  # −inf rows (NaN rows come from NaN inputs)
     g = torch.where(dead, 0.0, grad.to(x.dtype))
-    lp = torch.where(dead, 0.0, logp.to(x.dtype))
 
     gx = torch.empty(Gx, N, D, dtype=x.dtype, device=x.device)
     gmu = torch.zeros_like(means)
@@ -135,7 +135,10 @@ def log_prob_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, logits: T
         n1 = min(N, n0 + C)
         z = x[:, n0:n1, None, :] - means[:, None]
         y, q = _quad(z, prec, cov)
-        r = torch.exp(const[:, None, :] - 0.5 * q - lp[:, n0:n1, None])
+        # r = softmax over k of the row's ℓ (its maximum and sum), not exp(ℓ − log p): the
+        # saved log p's float32 rounding (~1e-4 at |log p| ~ 1e3) would be r's relative error.
+        r = torch.softmax(const[:, None, :] - 0.5 * q, -1)
+        r = torch.where(dead[:, n0:n1, None], 0.0, r)  # −inf rows: softmax is NaN, and g = 0 there
         w = g[:, n0:n1, None] * r  # [G, C, K]
         live = (w != 0)[..., None]
         zm = torch.where(live, z, 0.0)  # masked: finite wherever it is used

@@ -235,12 +235,11 @@ def test_one_point_per_mixture_edges(cov, dtype, seed, backend):
         _close_per_element(g[live], r, gbar, f"d/d{name}")
 
 
-def test_one_point_far_rows_gradients_do_not_inherit_the_rounding_of_log_p(seed):
-    """The cpu backend's one-point backward takes r as the row's softmax, not exp(ℓ − log p):
-    at |log p| ~ 1600 float32 log p is rounded by ~1e-4, which exp(ℓ − log p) passes on to every
-    gradient (the torch backend still does: #16 item T).  Bar: 1e-5 per element."""
-    if "cpu" not in fg.available_backends():
-        pytest.skip("compiled CPU kernels unavailable")
+def test_far_rows_gradients_do_not_inherit_the_rounding_of_log_p(seed, backend):
+    """The torch backend and the cpu backend's one-point backward take r as the row's softmax,
+    not exp(ℓ − log p): at |log p| ~ 1600 float32 log p is rounded by ~1e-4, which
+    exp(ℓ − log p) passes on to every gradient (the cpu tile kernels, Triton and CUDA still
+    do: #16 item T).  Bar: 1e-5 per element."""
     g = torch.Generator().manual_seed(seed)
     G, K, D = 500, 2, 2
     x = 40 * torch.randn(G, 1, D, generator=g)
@@ -249,7 +248,7 @@ def test_one_point_far_rows_gradients_do_not_inherit_the_rounding_of_log_p(seed)
     ref_args = [t.detach().double().requires_grad_() for t in args]
     ref = reference.gmm_log_prob(*ref_args, "diag")
     assert ref.abs().median() > 500
-    (gx,) = torch.autograd.grad(fg.gmm_log_prob(*args, "diag", backend="cpu").sum(), args[0])
+    (gx,) = torch.autograd.grad(fg.gmm_log_prob(*args, "diag", backend=backend).sum(), args[0])
     (rx,) = torch.autograd.grad(ref.sum(), ref_args[0])
     _close_per_element(gx, rx, 1e-5, "d/dx")
 
