@@ -24,10 +24,21 @@ def pytest_report_header(config):
             f"FASTGMMDIFF_TEST_SEED={SESSION_SEED} (set it to replay this run's data)"]
 
 
+def _test_seed(request) -> int:
+    return (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng(request):
+    """Every test starts from torch's global generator seeded with its own seed, so data drawn
+    without an explicit generator is fresh each run and replays with FASTGMMDIFF_TEST_SEED."""
+    torch.manual_seed(_test_seed(request))
+
+
 @pytest.fixture
 def seed(request):
     """A seed fresh for each run, distinct per test (mixes in the test's id)."""
-    s = (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    s = _test_seed(request)
     torch.manual_seed(s)
     return s
 
