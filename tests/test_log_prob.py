@@ -179,6 +179,28 @@ def test_compiled_backward_is_deterministic(cov, G, x_batched, seed):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("G,x_batched,N", [(None, True, 40000), (4, True, 10000), (4, False, 10000)])
+def test_compiled_backward_does_not_depend_on_the_thread_count(cov, G, x_batched, N, seed):
+    """Enough work for several chunks: 1 and 2 threads give bit-identical log p and gradients
+    (the chunk count is fixed, not the thread count)."""
+    if "cpu" not in fg.available_backends():
+        pytest.skip("compiled CPU kernels unavailable")
+    p = random_problem(cov, G, N=N, K=6, D=5, seed=seed, x_batched=x_batched, requires_grad=True)
+    args = [p[k] for k in ARGS]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            out = fg.gmm_log_prob(*args, cov, backend="cpu")
+            runs.append((out, *torch.autograd.grad(out.sum(), args)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("cov", COVS)
 def test_every_cpu_instruction_set_build(isa, cov, seed, monkeypatch):

@@ -1,6 +1,6 @@
 // Deterministic work split for the CPU backward passes: a fixed number of chunks (not
 // threads), each with its own parameter-gradient buffers summed in chunk order afterwards, so
-// results are bit-identical from run to run for a given thread count.  When every chunk can
+// results are bit-identical from run to run, whatever the thread count.  When every chunk can
 // own whole mixtures (batched x and G >= chunks), chunks write the outputs in place.
 #pragma once
 
@@ -13,6 +13,9 @@
 
 namespace fastgmmdiff {
 namespace cpu {
+
+// Chunks a backward is split into at most (each a parallel task; the threads take them in turn).
+constexpr int64_t kMaxChunks = 32;
 
 struct ChunkPlan {
   int64_t chunks = 1;
@@ -31,8 +34,9 @@ struct ChunkPlan {
   // chunk count.
   ChunkPlan(int64_t items_, int64_t G_, bool shared, int64_t buf_bytes, int64_t work, int64_t align_ = 0)
       : items(items_), G(G_) {
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    chunks = std::min<int64_t>(threads, std::max<int64_t>(items, 1));
+    // A fixed number of chunks, not the thread count: the per-chunk sums and their order, and
+    // so every bit of the result, are the same whatever the number of threads.
+    chunks = std::min<int64_t>(kMaxChunks, std::max<int64_t>(items, 1));
     chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, work >> 18));
     if (align_ > 0) {
       align = align_;
@@ -40,7 +44,11 @@ struct ChunkPlan {
       nbuf = 1;
       return;
     }
-    chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, buf_bytes)));
+    if (shared || G < chunks) {  // a buffer per chunk: at most 64 MiB of them, and zeroing and
+      // folding them stays within ~1/16 of the kernels' work
+      chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, buf_bytes)));
+      chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, work / (16 * std::max<int64_t>(1, buf_bytes / 4))));
+    }
     own_mixtures = !shared && G >= chunks;
     nbuf = own_mixtures ? 1 : chunks;
   }
