@@ -693,8 +693,15 @@ def log_prob_fwd(x, means, prec, logits, cov):
     return out
 
 
+# Tests set this to force the number of point splits of the parameter-gradient kernel (the
+# interpreter otherwise always uses 1, and the split-and-sum path would never run on a CPU).
+FORCE_SPLITS = None
+
+
 def _splits(N, K, D, G, cov, block_n, block_k, elem):
     """How many point splits the parameter-gradient kernel uses (see module docstring)."""
+    if FORCE_SPLITS is not None:
+        return max(1, min(int(FORCE_SPLITS), triton.cdiv(max(N, 1), block_n)))
     if interpreted():
         return 1
     k_tiles = K if cov == "full" else triton.cdiv(K, block_k)

@@ -136,6 +136,31 @@ def test_backward_is_deterministic(seed):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cov", COVS)
+def test_split_parameter_sums_match_one_split(cov, seed, monkeypatch):
+    """The parameter-gradient kernel's point splits (S partial sums added in a fixed order):
+    S = 3 agrees with S = 1 and the float64 reference, and repeats bit for bit."""
+    from fastgmmdiff.kernels import gmm
+
+    p = random_problem(cov, 2, N=150, K=5, D=6, seed=seed, device=_device(), requires_grad=True)
+    if cov == "full":
+        p["prec_chol"] = p["prec_chol"].detach().triu().requires_grad_()
+    args = [p[k] for k in ARGS]
+    up = torch.randn(2, 150, device=_device())
+    runs = {}
+    for S in (1, 3, 3):
+        monkeypatch.setattr(gmm, "FORCE_SPLITS", S)
+        assert gmm._splits(150, 5, 6, 2, cov, 32, 8, 4) == S
+        g = torch.autograd.grad(fg.gmm_log_prob(*args, cov, backend="triton"), args, up)
+        if S in runs:
+            assert all(torch.equal(a, b) for a, b in zip(runs[S], g))
+        runs[S] = g
+    for a, b in zip(runs[1], runs[3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(gmm, "FORCE_SPLITS", 3)
+    _check(p, cov)
+
+
 def test_opcheck(seed):
     from fastgmmdiff.kernels import gmm  # noqa: F401
 
