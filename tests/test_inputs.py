@@ -96,6 +96,10 @@ def test_validation_passes_on_good_input_and_allows_disabled_components():
     l[0] = float("-inf")  # a component with zero weight is legitimate
     out = fg.gmm_log_prob(x, m, p, l, validate=True)
     assert torch.isfinite(out).all()
+    from fastgmmdiff import reference
+
+    ref = reference.gmm_log_prob(x.double(), m.double(), p.double(), l.double(), "diag")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)  # and right, not just finite
 
 
 def test_a_positional_target_gets_a_hint():
