@@ -5,6 +5,8 @@
 #include <c10/util/string_view.h>
 
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace fastgmmdiff {
@@ -144,6 +146,15 @@ inline void check_grad_logp(const at::Tensor& grad, const at::Tensor& logp, int6
   FGD_CHECK(grad.sizes() == at::IntArrayRef({G, N}) && logp.sizes() == grad.sizes(),
             "grad and logp must be [", G, ", ", N, "], got ", grad.sizes(), " and ", logp.sizes());
   FGD_CHECK(grad.device() == logp.device(), "grad and logp must be on one device");
+}
+
+// The backward's upstream gradient and saved log p in the canonical [G, N] layout, checked,
+// contiguous in the accumulation dtype `acc`.
+inline std::pair<at::Tensor, at::Tensor> backward_rows(const at::Tensor& grad, const at::Tensor& logp, const Views& v,
+                                                       int64_t G, int64_t N, at::ScalarType acc) {
+  at::Tensor g = canonical_rows(grad, v), lp = canonical_rows(logp, v);
+  check_grad_logp(g, lp, G, N);
+  return {g.to(acc).contiguous(), lp.to(acc).contiguous()};
 }
 
 inline at::ScalarType acc_type(const at::Tensor& x) {

@@ -133,9 +133,12 @@ struct Prepared : Canonical {
   Views v;
 };
 
-// consts = false: leave a and lse undefined (the one-point kernels compute them per row).
+bool one_point(const Canonical& r) { return use_one_point(r.cov, r.G, r.Gx, r.N, r.K, r.D); }
+
+// one_point_ok: the caller runs the one-point kernels when one_point(r) (plain log_prob), which
+// compute a and lse per row, so they are left undefined then.
 Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-                 const at::Tensor& logits, c10::string_view covariance_type, bool consts = true) {
+                 const at::Tensor& logits, c10::string_view covariance_type, bool one_point_ok = false) {
   const int cov = parse_cov(covariance_type);
   Views v = canonical_views(x, means, prec, logits, cov, false);
   check_layout(v.x, v.means, v.prec, v.last, cov);
@@ -144,22 +147,15 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor&
   static_cast<Canonical&>(r) = canonical(v.x, v.means, v.prec, cov);
   r.logits = v.last.to(r.x.scalar_type()).contiguous();
   r.v = v;
-  if (consts) r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
+  if (!(one_point_ok && one_point(r))) r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
   return r;
 }
 
-bool one_point(const Prepared& r) { return use_one_point(r.cov, r.G, r.Gx, r.N, r.K, r.D); }
-
+// a is null where prepare left it undefined (the one-point kernels).
 template <typename T>
 Problem<T> problem(const Prepared& r) {
-  return Problem<T>{r.G, r.Gx, r.N, r.K, r.D, r.cov,
-                    r.x.data_ptr<T>(), r.means.data_ptr<T>(), r.prec.data_ptr<T>(), r.a.data_ptr<T>()};
-}
-
-template <typename T>
-Problem<T> problem_no_consts(const Prepared& r) {
   return Problem<T>{r.G, r.Gx, r.N, r.K, r.D, r.cov, r.x.data_ptr<T>(), r.means.data_ptr<T>(), r.prec.data_ptr<T>(),
-                    nullptr};
+                    r.a.defined() ? r.a.data_ptr<T>() : nullptr};
 }
 
 bool row_tiles(const Prepared& r) { return use_row_tiles(r.cov, r.G, r.Gx, r.N, r.K, r.D); }
@@ -227,10 +223,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(Prepared& r, const Fused& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(const Prepared& r, const at::Tensor& grad,
                                                                          const at::Tensor& logp, const Fused& f) {
   const auto acc = r.x.scalar_type();
-  at::Tensor g = canonical_rows(grad, r.v), lp = canonical_rows(logp, r.v);
-  check_grad_logp(g, lp, r.G, r.N);
-  g = g.to(acc).contiguous();
-  lp = lp.to(acc).contiguous();
+  at::Tensor g, lp;
+  std::tie(g, lp) = backward_rows(grad, logp, r.v, r.G, r.N, acc);
   at::Tensor sc = f.scale.defined() ? canonical_rows(f.scale, r.v).to(acc).contiguous() : at::Tensor();
   if (sc.defined()) check_grad_logp(sc, lp, r.G, r.N);
   at::Tensor gx = at::empty_like(r.x);
@@ -315,7 +309,7 @@ int64_t one_point_grain(const Prepared& r) {
 at::Tensor forward_one(const Prepared& r) {
   at::Tensor out = at::empty({r.G, 1}, r.x.options());
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_one_cpu", [&] {
-    const Problem<scalar_t> p = problem_no_consts<scalar_t>(r);
+    const Problem<scalar_t> p = problem<scalar_t>(r);
     const scalar_t* lg = r.logits.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, r.G, one_point_grain(r), [&](int64_t b, int64_t e) { run_fwd_one(p, lg, o, b, e); });
@@ -326,14 +320,12 @@ at::Tensor forward_one(const Prepared& r) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_one(const Prepared& r, const at::Tensor& grad,
                                                                         const at::Tensor& logp) {
   const auto acc = r.x.scalar_type();
-  at::Tensor g = canonical_rows(grad, r.v), lp = canonical_rows(logp, r.v);
-  check_grad_logp(g, lp, r.G, r.N);
-  g = g.to(acc).contiguous();
-  lp = lp.to(acc).contiguous();
+  at::Tensor g, lp;
+  std::tie(g, lp) = backward_rows(grad, logp, r.v, r.G, r.N, acc);
   at::Tensor gx = at::empty_like(r.x), gmu = at::empty_like(r.means), gprec = at::empty_like(r.prec),
              glog = at::empty({r.G, r.K}, r.x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_backward_one_cpu", [&] {
-    const Problem<scalar_t> p = problem_no_consts<scalar_t>(r);
+    const Problem<scalar_t> p = problem<scalar_t>(r);
     const scalar_t* lg = r.logits.data_ptr<scalar_t>();
     const scalar_t *gp = g.data_ptr<scalar_t>(), *lpp = lp.data_ptr<scalar_t>();
     scalar_t *gxp = gx.data_ptr<scalar_t>(), *gmp = gmu.data_ptr<scalar_t>(), *gpp = gprec.data_ptr<scalar_t>(),
@@ -349,17 +341,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_one(const Pr
 
 at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                         const at::Tensor& logits, c10::string_view covariance_type) {
-  Prepared r = prepare(x, means, prec, logits, covariance_type, false);
-  if (one_point(r)) return api_rows(forward_one(r), r.v);
-  r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
-  return api_rows(std::get<0>(forward_impl(r, Fused{})), r.v);
+  Prepared r = prepare(x, means, prec, logits, covariance_type, true);
+  return api_rows(one_point(r) ? forward_one(r) : std::get<0>(forward_impl(r, Fused{})), r.v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
-  Prepared r = prepare(x, means, prec, logits, covariance_type, false);
-  if (!one_point(r)) r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
+  Prepared r = prepare(x, means, prec, logits, covariance_type, true);
   auto gr = one_point(r) ? backward_one(r, grad, logp) : backward_impl(r, grad, logp, Fused{});
   return {fit_grad(std::get<0>(gr), x), fit_grad(std::get<1>(gr), means), fit_grad(std::get<2>(gr), prec),
           fit_grad(std::get<3>(gr), logits)};

@@ -114,11 +114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& target, const at::Tensor& logp, c10::string_view covariance_type) {
   TPrepared r = tprepare(x, means, prec, target, covariance_type);
-  at::Tensor g = canonical_rows(grad, r.v), lp = canonical_rows(logp, r.v);
-  check_grad_logp(g, lp, r.G, r.N);
   const auto acc = r.x.scalar_type();
-  g = g.to(acc).contiguous();
-  lp = lp.to(acc).contiguous();
+  at::Tensor g, lp;
+  std::tie(g, lp) = backward_rows(grad, logp, r.v, r.G, r.N, acc);
   const bool shared = r.Gx == 1 && r.G > 1;
   at::Tensor gx = at::zeros_like(r.x);
   const int64_t ps = prec_stride(r.cov, r.D);

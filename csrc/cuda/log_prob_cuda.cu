@@ -393,14 +393,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cud
   check_layout(v.x, v.means, v.prec, v.last, cov);
   const DeviceGuard guard(x.device());
   Prep r = prep(v.x, v.means, v.prec, cov);
-  at::Tensor g = canonical_rows(grad, v), lp = canonical_rows(logp, v);
-  check_grad_logp(g, lp, r.G, r.N);
   const auto acc = r.x.scalar_type();
+  at::Tensor g, lp;
+  std::tie(g, lp) = backward_rows(grad, logp, v, r.G, r.N, acc);
   at::Tensor lg = v.last.to(acc).contiguous();
   at::Tensor a = component_const(r.prec, lg, cov, r.D);
   at::Tensor pi = at::softmax(lg, -1).contiguous();
-  g = g.to(acc).contiguous();
-  lp = lp.to(acc).contiguous();
   at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
   at::Tensor glog = at::zeros_like(lg);
   if (r.N > 0 && r.G > 0) {
@@ -482,12 +480,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
   const DeviceGuard guard(x.device());
   Prep r = prep(v.x, v.means, v.prec, cov);
   check_target(v.last, r.G, r.N, x);
-  at::Tensor g = canonical_rows(grad, v), lp = canonical_rows(logp, v);
-  check_grad_logp(g, lp, r.G, r.N);
   const auto acc = r.x.scalar_type();
+  at::Tensor g, lp;
+  std::tie(g, lp) = backward_rows(grad, logp, v, r.G, r.N, acc);
   at::Tensor t = v.last.contiguous();
-  g = g.to(acc).contiguous();
-  lp = lp.to(acc).contiguous();
   at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
   const int64_t total = r.G * r.N;
   if (total > 0) {
