@@ -109,6 +109,17 @@ class BackendChoice:
         return "\n".join(lines)
 
 
+def _passed_over(name: str, device_type: str, problem, has_target: bool) -> Optional[str]:
+    """Why ``auto`` does not take backend ``name`` of the device's order for this problem (not
+    registered, unavailable here, not validated on a GPU yet, or a limit of its own), or None."""
+    if name not in _REGISTRY:
+        return "not registered"
+    why = unavailable_reason(name) or _not_validated(name, device_type)
+    if why is None and problem is not None and _REGISTRY[name].limits is not None:
+        why = _REGISTRY[name].limits(problem, has_target, True)
+    return why
+
+
 def explain(device: torch.device, problem=None, has_target: bool = False) -> BackendChoice:
     """The reasoning of ``resolve("auto", ...)``, spelled out (see :class:`BackendChoice`)."""
     order = AUTO_ORDER.get(device.type, ("torch",))
@@ -122,12 +133,7 @@ def explain(device: torch.device, problem=None, has_target: bool = False) -> Bac
             considered.append((name, None))
             reached = False
             continue
-        why = unavailable_reason(name) if name in _REGISTRY else "not registered"
-        if why is None:
-            why = _not_validated(name, device.type)
-        if why is None and problem is not None and _REGISTRY[name].limits is not None:
-            why = _REGISTRY[name].limits(problem, has_target, True)
-        considered.append((name, why))
+        considered.append((name, _passed_over(name, device.type, problem, has_target)))
     if picked not in order:
         considered.append((picked, None))
     return BackendChoice(picked, device.type, tuple(considered))
@@ -140,12 +146,8 @@ def resolve(backend: str, device: torch.device, problem=None, has_target: bool =
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("torch",)):
-            if name not in _REGISTRY or unavailable_reason(name) is not None or _not_validated(name, device.type):
-                continue
-            b = _REGISTRY[name]
-            if problem is not None and b.limits is not None and b.limits(problem, has_target, True) is not None:
-                continue
-            return b
+            if _passed_over(name, device.type, problem, has_target) is None:
+                return _REGISTRY[name]
         return _REGISTRY["torch"]
     if backend not in _REGISTRY:
         raise ValueError(f"unknown backend {backend!r}; known: 'auto', " + ", ".join(map(repr, _REGISTRY)))
