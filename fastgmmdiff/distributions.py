@@ -173,7 +173,7 @@ class MixtureOfGaussians(Distribution):
             raise ValueError(f"the shapes of logits {tuple(logits.shape)}, loc {tuple(loc.shape)} and {name} "
                              f"{tuple(p.shape)} do not broadcast to one [*batch, K]") from None
         batch_shape, K = comp[:-1], comp[-1]
-        self._raw = (logits, loc, name, p)
+        self._raw = (logits, loc, p)  # as given (a scalar scale as [1, 1]), for expand and the kernels
         self.backend = backend
         self.logits = logits.expand(comp)
         self.loc = loc.expand(comp + (D,))
@@ -223,7 +223,7 @@ class MixtureOfGaussians(Distribution):
         return u.expand(self.batch_shape + core)
 
     def _kernel_args(self, batch_shape: torch.Size):
-        logits, loc = self._raw[0], self._raw[1]
+        logits, loc, _ = self._raw
         core = {"diag": 2, "spherical": 1, "full": 3, "tied": 2}[self.covariance_type]
         K, D = self._K, self._D
         return (_as_g(loc.expand(loc.shape[:-2] + (K, D)), 2, batch_shape), _as_g(self._u, core, batch_shape),
@@ -247,9 +247,7 @@ class MixtureOfGaussians(Distribution):
         """σ of each component and dimension, ``[*batch, K, D]`` (diag and spherical only)."""
         if self.covariance_type not in ("diag", "spherical"):
             raise ValueError("stddev_components is for diag and spherical mixtures; use scale_tril_components")
-        u = self.precision_cholesky_
-        s = 1.0 / (u.unsqueeze(-1) if self.covariance_type == "spherical" else u)
-        return s.expand(self.loc.shape)
+        return self.scale.expand(self.loc.shape)  # σ as given ([*, K, 1] broadcast for spherical)
 
     @property
     def scale_tril_components(self) -> Tensor:
@@ -279,12 +277,11 @@ class MixtureOfGaussians(Distribution):
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         new = self._get_checked_instance(MixtureOfGaussians, _instance)
-        logits, loc, name, p = self._raw
-        K, D = self._K, self._D
-        core = p.shape[-2:] if name != "scale" else (p.reshape(1, 1) if p.dim() == 0 else p).shape[-1:]
-        pk = (p.shape[-3] if p.dim() > 2 else 1) if name != "scale" else (p.shape[-2] if p.dim() > 1 else 1)
-        if name == "scale" and p.dim() == 0:
-            p = p.reshape(1, 1)
+        logits, loc, p = self._raw
+        name, K, D = self._param_name, self._K, self._D
+        nd = 1 if name == "scale" else 2  # σ's last axis, or the matrix axes
+        pk = p.shape[-nd - 1] if p.dim() > nd else 1  # the K axis as given (1: shared)
+        core = p.shape[-nd:]
         MixtureOfGaussians.__init__(
             new, logits.expand(batch_shape + (K,)), loc.expand(batch_shape + (K, D)),
             **{name: p.expand(batch_shape + (pk,) + tuple(core))}, validate_args=False, backend=self.backend)

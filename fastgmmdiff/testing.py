@@ -37,6 +37,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(num / den)
 
 
+def assert_close_per_element(out: torch.Tensor, ref: torch.Tensor, rtol: float, what: str = "") -> None:
+    """Element by element: |out − ref| ≤ rtol·(|ref| + rms(ref)), in float64 (the rms term keeps
+    an element that cancels to ~0 from demanding more digits than the dtype has).  The message
+    names ``what`` and how far over the bar the worst element is."""
+    a, b = out.detach().double(), ref.detach().double()
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    if b.numel() == 0:
+        return
+    err, bound = (a - b).abs(), rtol * (b.abs() + b.pow(2).mean().sqrt())
+    worst = (err / bound.clamp_min(1e-300)).max().item()
+    assert bool((err <= bound).all()), f"{what}: worst element {worst:.3g}× the bar ({rtol:g})"
+
+
 def grad_tolerances(fn, args, upstream, ref_grads) -> list:
     """The bound for each gradient of ``fn(*args)`` (module docstring): ``RTOL_GRAD``, or twice
     the error plain PyTorch makes at the inputs' dtype where that is larger.

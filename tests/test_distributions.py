@@ -18,19 +18,10 @@ import torch.distributions as tdist
 import fastgmmdiff as fg
 from fastgmmdiff import convert
 from fastgmmdiff.distributions import MixtureOfGaussians
+from fastgmmdiff.testing import assert_close_per_element
 
 BAR = {torch.float32: 1e-5, torch.float64: 1e-10}
 PARAMS = ("scale", "scale_spherical", "scale_tril", "covariance_matrix", "precision_matrix", "precision_cholesky")
-
-
-def assert_close_elementwise(a, b, rtol, what=""):
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    rms = b.pow(2).mean().sqrt() if b.numel() else 0.0
-    err = (a - b).abs()
-    bound = rtol * (b.abs() + rms)
-    worst = (err / bound.clamp_min(1e-300)).max().item() if b.numel() else 0.0
-    assert bool((err <= bound).all()), f"{what}: worst element {worst:.3g}× the bar ({rtol:g})"
 
 
 def _spd(shape, D, gen, dtype):
@@ -82,12 +73,12 @@ def test_log_prob_matches_mixture_same_family(backend, param, batch, dtype, seed
     value = (2.0 * torch.randn((6,) + batch + (D,), generator=gen, dtype=dtype)).requires_grad_()
     a, b = d.log_prob(value), r.log_prob(value)
     assert a.shape == b.shape == (6,) + batch and a.dtype == dtype
-    assert_close_elementwise(a, b, BAR[dtype], "log_prob")
+    assert_close_per_element(a, b, BAR[dtype], "log_prob")
     up = torch.randn(a.shape, generator=gen, dtype=dtype)
     ga = torch.autograd.grad((a * up).sum(), leaves + (value,))
     gb = torch.autograd.grad((b * up).sum(), leaves + (value,))
     for name, u, v in zip(("logits", "loc", param, "value"), ga, gb):
-        assert_close_elementwise(u, v, BAR[dtype], f"d/d{name}")
+        assert_close_per_element(u, v, BAR[dtype], f"d/d{name}")
 
 
 @pytest.mark.parametrize("param", ["scale", "scale_tril", "precision_matrix"])
@@ -100,13 +91,13 @@ def test_value_broadcasting_like_mixture_same_family(param, seed):
         v = torch.randn(shape, generator=gen)
         a, b = d.log_prob(v), r.log_prob(v)
         assert a.shape == b.shape, shape
-        assert_close_elementwise(a, b, 1e-5, f"value {shape}")
+        assert_close_per_element(a, b, 1e-5, f"value {shape}")
     # a value with more batch than the distribution: the distribution is expanded (as torch does)
     d1, r1 = ours(make(param, (1,), K, D, gen)[0]), None
     v = torch.randn(4, D, generator=gen)
     assert d1.log_prob(v).shape == (4,)
     r1 = d1.expand((4,))
-    assert_close_elementwise(d1.log_prob(v), r1.log_prob(v), 1e-6, "expanded")
+    assert_close_per_element(d1.log_prob(v), r1.log_prob(v), 1e-6, "expanded")
 
 
 def test_mdn_rows_are_one_point_per_mixture(seed):
@@ -117,10 +108,10 @@ def test_mdn_rows_are_one_point_per_mixture(seed):
     y = torch.randn(B, D, generator=gen)
     a = ours(kw).log_prob(y)
     assert a.shape == (B,)
-    assert_close_elementwise(a, msf().log_prob(y), 1e-5, "mdn")
+    assert_close_per_element(a, msf().log_prob(y), 1e-5, "mdn")
     # the functional form of the same rows
     f = fg.gmm_log_prob(y.unsqueeze(1), kw["loc"], 1 / kw["scale"], kw["logits"])
-    assert_close_elementwise(a, f[:, 0], 1e-6, "functional rows")
+    assert_close_per_element(a, f[:, 0], 1e-6, "functional rows")
 
 
 def test_spherical_and_tied_run_their_own_kernels(seed):
@@ -129,23 +120,23 @@ def test_spherical_and_tied_run_their_own_kernels(seed):
     d = ours(kw)
     assert d.covariance_type == "spherical"
     v = torch.randn(2, 4, 5, generator=gen)
-    assert_close_elementwise(d.log_prob(v), msf().log_prob(v), 1e-5, "spherical")
+    assert_close_per_element(d.log_prob(v), msf().log_prob(v), 1e-5, "spherical")
     scalar = MixtureOfGaussians(kw["logits"], kw["loc"], scale=torch.tensor(0.7))
     assert scalar.covariance_type == "spherical"
     ref = tdist.MixtureSameFamily(tdist.Categorical(logits=kw["logits"]),
                                   tdist.Independent(tdist.Normal(kw["loc"], torch.full((4, 3, 5), 0.7)), 1))
-    assert_close_elementwise(scalar.log_prob(v), ref.log_prob(v), 1e-5, "scalar scale")
+    assert_close_per_element(scalar.log_prob(v), ref.log_prob(v), 1e-5, "scalar scale")
     for param in ("scale_tril", "covariance_matrix", "precision_matrix", "precision_cholesky"):
         kw, msf, _ = make(param, (4,), 3, 5, gen, tied=True)
         d = ours(kw)
         assert d.covariance_type == "tied", param
-        assert_close_elementwise(d.log_prob(v), msf().log_prob(v), 1e-5, f"tied {param}")
+        assert_close_per_element(d.log_prob(v), msf().log_prob(v), 1e-5, f"tied {param}")
     # one [D, D] matrix for every component of every mixture
     L = torch.linalg.cholesky(_spd((), 5, gen, torch.float32))
     d = MixtureOfGaussians(kw["logits"], kw["loc"], scale_tril=L)
     ref = tdist.MixtureSameFamily(tdist.Categorical(logits=kw["logits"]), tdist.MultivariateNormal(kw["loc"], scale_tril=L))
     assert d.covariance_type == "tied" and d.batch_shape == (4,)
-    assert_close_elementwise(d.log_prob(v), ref.log_prob(v), 1e-5, "shared [D, D]")
+    assert_close_per_element(d.log_prob(v), ref.log_prob(v), 1e-5, "shared [D, D]")
 
 
 @pytest.mark.parametrize("param", ["scale", "scale_spherical", "covariance_matrix"])
@@ -158,13 +149,13 @@ def test_posterior_mean_variance_and_parts(param, seed):
     lc = r.component_distribution.log_prob(v.unsqueeze(-2)) + torch.log_softmax(kw["logits"], -1)
     post = d.posterior(v)
     assert post.shape == (5, 2, 3, K)
-    assert_close_elementwise(post, torch.softmax(lc, -1), 1e-10, "posterior")
-    assert_close_elementwise(d.mean, r.mean, 1e-10, "mean")
-    assert_close_elementwise(d.variance, r.variance, 1e-10, "variance")
-    assert_close_elementwise(d.mixture_distribution.probs, r.mixture_distribution.probs, 1e-12, "weights")
+    assert_close_per_element(post, torch.softmax(lc, -1), 1e-10, "posterior")
+    assert_close_per_element(d.mean, r.mean, 1e-10, "mean")
+    assert_close_per_element(d.variance, r.variance, 1e-10, "variance")
+    assert_close_per_element(d.mixture_distribution.probs, r.mixture_distribution.probs, 1e-12, "weights")
     c = d.component_distribution
     assert c.batch_shape == batch + (K,) and c.event_shape == (D,)
-    assert_close_elementwise(c.log_prob(v.unsqueeze(-2)), r.component_distribution.log_prob(v.unsqueeze(-2)),
+    assert_close_per_element(c.log_prob(v.unsqueeze(-2)), r.component_distribution.log_prob(v.unsqueeze(-2)),
                              1e-10, "components")
 
 
@@ -196,7 +187,7 @@ def test_rsample_gradients_and_the_discrete_choice(seed):
     # ∂Σx/∂μ_k = number of draws from k; ∂Σx/∂σ_k = Σ ε over those draws
     counts = gl[:, 0]
     assert torch.equal(gl[:, 0], gl[:, 1]) and abs(counts.sum().item() - 4000) < 1e-9
-    assert_close_elementwise(counts / 4000, d.probs, 0.1, "draw frequencies")
+    assert_close_per_element(counts / 4000, d.probs, 0.1, "draw frequencies")
     x2 = d.sample((4000,), generator=torch.Generator().manual_seed(2))
     assert torch.equal(x.detach(), x2)
     assert gs.shape == scale.shape
@@ -210,7 +201,7 @@ def test_expand(seed):
         e = d.expand((2, 4))
         assert e.batch_shape == (2, 4) and e.covariance_type == d.covariance_type
         v = torch.randn(2, 4, 2, generator=gen)
-        assert_close_elementwise(e.log_prob(v), d.log_prob(v.reshape(8, 1, 2)).reshape(2, 4), 1e-6, "expand")
+        assert_close_per_element(e.log_prob(v), d.log_prob(v.reshape(8, 1, 2)).reshape(2, 4), 1e-6, "expand")
         s = ours(make(param, (), 3, 2, gen)[0]).expand((5,))
         assert s.batch_shape == (5,) and s.sample((2,)).shape == (2, 5, 2)
 
