@@ -277,9 +277,14 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         ckpt["ema"] = {**{f"module.{k}": v for k, v in ckpt["ema"].items()},
                        "n_averaged": torch.tensor(step, dtype=torch.long)}
         ckpt["scheduler"] = {"last_epoch": step, "_step_count": step + 1, "lr_lambdas": [None],
-                             "_last_lr": [lr * (min(1.0, (step + 1) / w) if w else 1.0)]}
+                             "_last_lr": [lr * _warmup_factor(step, w)]}
         ckpt["version"] = CHECKPOINT_VERSION
     return ckpt
+
+
+def _warmup_factor(step: int, warmup: int) -> float:
+    """The learning rate's factor at ``step`` (counted from 0): linear over ``warmup`` steps."""
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
 def _ema_warmup(decay: float):
@@ -338,7 +343,7 @@ class Trainer:
         self.opt = torch.optim.AdamW([p for p in self.system.parameters() if p.requires_grad],
                                      lr=cfg.lr, weight_decay=0.0)
         w = cfg.warmup  # linear learning-rate warm-up over w steps, stepped once per train_step
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _warmup_factor(s, w))
         self.model = self.system
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
