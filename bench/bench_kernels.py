@@ -78,10 +78,10 @@ def test_kernel(benchmark, dev, wname, op, pass_, impl):
     if impl == "sklearn":
         run_sk = fn(p, w.cov)
         from workloads import reference_value
-        from fastgmmdiff.testing import rel_err
+        from fastgmmdiff.testing import elementwise_error
 
         ref, _ = reference_value(w, op, p)
-        errs = {"value": rel_err(run_sk(), ref)}
+        errs = {"value": elementwise_error(run_sk(), ref)}
         benchmark.extra_info.update(errors=errs, within_tolerance=within_tolerance(errs))
         benchmark(run_sk)
         return

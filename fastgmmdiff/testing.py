@@ -1,73 +1,157 @@
 """Random problems, the float64 oracle and the error measure shared by tests and benchmarks,
 so that the thing timed is the thing checked.
 
-Tolerances (stated once here; tests and benchmarks import them, nobody widens them):
+The error measure (one, everywhere): element by element,
 
-* float32 (and float64 inputs, which must do at least as well):
-  ‖out − ref‖ / ‖ref‖ ≤ 1e-5 for log p and NGMG values, ≤ 1e-4 for gradients, against the
-  float64 reference on the same inputs (PERF.md's accuracy bar).
-  Where the problem itself is ill-conditioned at that dtype, a gradient may instead be off by
-  at most twice the error of plain PyTorch computing the same math at the inputs' dtype (the
-  worse of the reference's broadcast and matmul forms): ``grad_tolerances``.  Example: the
-  logits gradient Σₙ uₙ(rₙₖ − πₖ) of a few points with log-densities near −600 cancels to
-  ~1e-2 while each rₙₖ carries float32 rounding of the log-density gaps, so every float32
-  implementation (plain PyTorch included) lands near 1e-3 there.
-* bf16 / fp16 inputs: at most twice the error of the same reference computed by plain PyTorch
-  at that dtype (STYLE.md) — the package upcasts inside, so it is usually far better.
+    |out − ref| ≤ bar · (|ref| + rms(ref))
+
+against the float64 reference evaluated on exactly the inputs' values (``elementwise_error``
+is the worst ratio |out − ref| / (|ref| + rms(ref)); elements equal in both, −inf rows
+included, count as exact; a reference zero everywhere is judged in absolute terms).  The rms
+term keeps an element that cancels to ~0 from demanding more digits than the dtype has; an error confined to one element, one row or one mixture of a
+large batch is judged on its own, not diluted by the rest.
+
+The bars (stated once here; tests and benchmarks import them, nobody widens them), ``bars(dtype)``:
+
+* float32: 1e-5 for log p and NGMG values, 1e-4 for gradients (PERF.md's accuracy bar).
+* float64: 1e-12 for values, 1e-10 for gradients: a float64 path must be a float64 path (a
+  float32 accumulation of float64 inputs is ~1e-7 off and fails).
+* bfloat16 / float16 (computed in float32 inside, rounded once at the end): the dtype's unit
+  roundoff (2⁻⁹ for bf16, 2⁻¹¹ for fp16) plus the float32 bar.
+
+Where the problem itself is ill-conditioned at the inputs' dtype, a gradient element may be
+off by up to twice what plain PyTorch makes computing the same math (the reference's broadcast
+form) at that dtype — never more than ``LOOSEN_CAP`` × the bar, and each time it is used a
+``ToleranceLoosened`` warning says where and by how much (``gradient_bounds``).  Example: the
+logits gradient Σₙ uₙ(rₙₖ − πₖ) of a few points with log-densities near −600 cancels to ~1e-2
+while each rₙₖ carries float32 rounding of the log-density gaps, so every float32
+implementation (plain PyTorch included) lands near 1e-3 there.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
 
 import torch
 
 from . import reference
 
+
+class Bars(NamedTuple):
+    value: float
+    grad: float
+
+
 RTOL_VALUE = 1e-5
 RTOL_GRAD = 1e-4
+LOOSEN_CAP = 10.0
+_BARS = {torch.float32: Bars(RTOL_VALUE, RTOL_GRAD), torch.float64: Bars(1e-12, 1e-10)}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are all-zero)."""
-    out = out.detach().to(torch.float64)
-    ref = ref.detach().to(torch.float64)
-    num = torch.linalg.vector_norm(out - ref)
-    den = torch.linalg.vector_norm(ref)
-    if den == 0:
-        return float(num)
-    return float(num / den)
+def bars(dtype: torch.dtype) -> Bars:
+    """The value and gradient bars for outputs of ``dtype`` (module docstring)."""
+    if dtype in _BARS:
+        return _BARS[dtype]
+    if dtype in (torch.bfloat16, torch.float16):
+        u = torch.finfo(dtype).eps / 2
+        return Bars(u + RTOL_VALUE, u + RTOL_GRAD)
+    raise ValueError(f"no accuracy bar for {dtype}")
+
+
+class ToleranceLoosened(UserWarning):
+    """A gradient element was judged by plain PyTorch's error on an ill-conditioned problem
+    (``gradient_bounds``) instead of the bar."""
+
+
+def _scale(ref: torch.Tensor) -> torch.Tensor:
+    """|ref| + rms(ref), the rms over the finite elements (float64).  A reference that is zero
+    everywhere (the logits gradient of a one-component mixture) has no scale of its own: it is
+    judged in absolute terms (scale 1)."""
+    fin = ref[torch.isfinite(ref)]
+    rms = fin.pow(2).mean().sqrt() if fin.numel() else ref.new_zeros(())
+    return ref.abs() + (rms if rms > 0 else 1.0)
+
+
+def _errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """|out − ref| in float64, 0 where they are equal (−inf rows included), NaN where either is."""
+    a, b = out.detach().double(), ref.detach().double().to(out.device)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a - b).abs()
+    return torch.where(a == b, torch.zeros_like(err), err)
+
+
+def elementwise_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """The worst |out − ref| / (|ref| + rms(ref)) over the elements, in float64 (0 for empty
+    tensors, NaN where ``out`` is NaN or unequal infinities meet)."""
+    err = _errors(out, ref)
+    if err.numel() == 0:
+        return 0.0
+    scale = _scale(ref.detach().double().to(err.device))
+    ratio = torch.where(err == 0, torch.zeros_like(err), err / scale)
+    if torch.isnan(ratio).any():
+        return float("nan")
+    return float(ratio.max())
 
 
 def assert_close_per_element(out: torch.Tensor, ref: torch.Tensor, rtol: float, what: str = "") -> None:
-    """Element by element: |out − ref| ≤ rtol·(|ref| + rms(ref)), in float64 (the rms term keeps
-    an element that cancels to ~0 from demanding more digits than the dtype has).  The message
-    names ``what`` and how far over the bar the worst element is."""
-    a, b = out.detach().double(), ref.detach().double()
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    if b.numel() == 0:
+    """Element by element: |out − ref| ≤ rtol·(|ref| + rms(ref)), in float64.  The message
+    names ``what``, how far over the bar the worst element is, and where it is."""
+    assert out.shape == ref.shape, (what, out.shape, ref.shape)
+    assert_within(out, ref, rtol * _scale(ref.detach().double().to(out.device)), what)
+
+
+def assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, what: str = "") -> None:
+    """|out − ref| ≤ ``bound`` element by element (float64; NaN never passes)."""
+    err = _errors(out, ref)
+    if err.numel() == 0:
         return
-    err, bound = (a - b).abs(), rtol * (b.abs() + b.pow(2).mean().sqrt())
-    worst = (err / bound.clamp_min(1e-300)).max().item()
-    assert bool((err <= bound).all()), f"{what}: worst element {worst:.3g}× the bar ({rtol:g})"
+    ok = err <= bound
+    if not bool(ok.all()):
+        over = torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err / bound.clamp_min(1e-300))
+        i = int(over.flatten().argmax())
+        idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), err.shape))
+        raise AssertionError(f"{what}: {int((~ok).sum())} of {err.numel()} elements over the bar; worst at "
+                             f"{idx}: got {out.detach().flatten()[i].item():.9g}, reference "
+                             f"{ref.detach().flatten()[i].item():.9g} ({over.flatten()[i].item():.3g}× the bound)")
 
 
-def grad_tolerances(fn, args, upstream, ref_grads) -> list:
-    """The bound for each gradient of ``fn(*args)`` (module docstring): ``RTOL_GRAD``, or twice
-    the error plain PyTorch makes at the inputs' dtype where that is larger.
+def gradient_bounds(fn, args, upstream, ref_grads, rtol: float, what: str = "") -> list:
+    """The per-element bound for each gradient of ``fn(*args)``: ``rtol``·(|ref| + rms(ref)), or
+    where plain PyTorch at the inputs' dtype is worse there (an ill-conditioned element), twice
+    plain PyTorch's error, capped at ``LOOSEN_CAP`` × the bar.  The loosened bound is only
+    computed here; ``check_gradient`` warns when an element actually needs it.
 
     ``fn(*args, form=...)`` is the reference computation (``reference.gmm_log_prob`` or
     ``reference.ngmg_loss`` with its other arguments bound); ``ref_grads`` are the float64
     gradients for ``upstream`` (``None`` for an argument that does not enter).
     """
-    worst = [0.0] * len(args)
-    for form in ("broadcast", "matmul"):
-        plain = [a.detach().clone().requires_grad_() for a in args]
-        out = fn(*plain, form=form)
-        grads = torch.autograd.grad(out, plain, upstream.to(out.dtype), allow_unused=True)
-        for i, (g, r) in enumerate(zip(grads, ref_grads)):
-            if r is not None:
-                g = torch.zeros_like(r) if g is None else g
-                worst[i] = max(worst[i], rel_err(g, r))
-    return [max(RTOL_GRAD, 2.0 * w) for w in worst]
+    plain = [a.detach().clone().requires_grad_() for a in args]
+    out = fn(*plain, form="broadcast")
+    grads = torch.autograd.grad(out, plain, upstream.to(out.dtype), allow_unused=True)
+    bounds = []
+    for g, r in zip(grads, ref_grads):
+        if r is None:
+            bounds.append(None)
+            continue
+        g = torch.zeros_like(r) if g is None else g
+        bar = rtol * _scale(r.detach().double())
+        plain_err = torch.nan_to_num(_errors(g, r), nan=float("inf"))
+        bounds.append(torch.maximum(bar, torch.minimum(2.0 * plain_err, LOOSEN_CAP * bar)))
+    return bounds
+
+
+def check_gradient(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, rtol: float, what: str = "") -> None:
+    """Assert ``out`` within ``bound`` (``gradient_bounds``); warn ``ToleranceLoosened`` when an
+    element passes only by the loosened part of it."""
+    assert_within(out, ref, bound, what)
+    err = _errors(out, ref)
+    bar = rtol * _scale(ref.detach().double().to(err.device))
+    n = int((err > bar).sum())
+    if n:
+        warnings.warn(ToleranceLoosened(
+            f"{what}: {n} of {err.numel()} elements passed only by plain PyTorch's error (ill-conditioned "
+            f"there); worst {float((err / bar.clamp_min(1e-300)).max()):.3g}× the bar {rtol:g}"), stacklevel=2)
 
 
 ARGS = ("x", "means", "prec_chol", "logits")
@@ -78,7 +162,8 @@ def check_against_reference(p: dict, covariance_type: str, backend: str, op: str
     """Assert that ``backend`` matches the float64 reference on problem ``p`` (a
     :func:`random_problem` dict with ``requires_grad``): the value of ``gmm_log_prob``
     (``op="log_prob"``) or of ``ngmg_loss`` with ``reduction="none"`` (``op="ngmg"``), and every
-    gradient for a random upstream, within the module's tolerances.  Returns the output."""
+    gradient for a random upstream, element by element within the bars of the inputs' dtype
+    (module docstring).  Returns the output."""
     from . import functional
 
     cov = covariance_type
@@ -99,30 +184,33 @@ def check_against_reference(p: dict, covariance_type: str, backend: str, op: str
     else:
         raise ValueError(f"op must be 'log_prob' or 'ngmg', got {op!r}")
     args = [p[k] for k in ARGS]
+    bar = bars(args[0].dtype)
     a64 = [t.detach().double().requires_grad_() for t in args]
     out = ours(*args)
     ref = ref_fn(*a64, form="broadcast")
     assert out.shape == ref.shape and out.dtype == args[0].dtype
-    assert rel_err(out, ref) <= RTOL_VALUE
-    up = torch.randn(ref.shape, dtype=torch.float64, device=ref.device)
+    assert_close_per_element(out, ref, bar.value, f"{backend} {op} {cov} value")
+    # the upstream gradient in the output's dtype, and exactly those values for the reference
+    up = torch.randn(ref.shape, dtype=torch.float64, device=ref.device).to(out.dtype).double()
     ga = torch.autograd.grad(out, args, up.to(out.dtype), allow_unused=True)
     gb = torch.autograd.grad(ref, a64, up, allow_unused=True)
-    for name, a, b, tol in zip(ARGS, ga, gb, grad_tolerances(ref_fn, args, up, gb)):
+    for name, a, b, bound in zip(ARGS, ga, gb, gradient_bounds(ref_fn, args, up, gb, bar.grad)):
         if b is None:  # only the logits, and only with a target, do not enter
             assert name == "logits" and target is not None and (a is None or torch.all(a == 0)), name
             continue
         assert a.shape == b.shape and a.dtype == p[name].dtype, name
-        assert rel_err(a, b) <= tol, name
+        check_gradient(a, b, bound, bar.grad, f"{backend} {op} {cov} d/d{name}")
     return out
 
 
 def random_problem(covariance_type="diag", G=None, N=64, K=4, D=3, *, dtype=torch.float32,
-                   device="cpu", seed=0, x_batched=True, requires_grad=False):
+                   device="cpu", seed=0, x_batched=True, requires_grad=False, far=True):
     """A mixture batch and points near it, as a dict of gmm_log_prob's arguments.
 
     Means ~ N(0, 2²); 1/σ in [0.5, 2]; full factors are upper triangular with a diagonal in
     [0.5, 2] and off-diagonal entries ~ N(0, 0.3²); logits ~ N(0, 1).  Half the points are
     drawn from the components, half from N(0, 3²), so both near and far points are covered.
+    ``far=False``: every point drawn from the components (the draws are the same otherwise).
     ``G=None``: no mixture-batch axis.  ``x_batched=False`` with G: x is ``[N, D]``, shared.
     """
     g = torch.Generator().manual_seed(seed)
@@ -140,12 +228,12 @@ def random_problem(covariance_type="diag", G=None, N=64, K=4, D=3, *, dtype=torc
         raise ValueError(f"random_problem covers diag, spherical, full; got {covariance_type!r}")
     logits = torch.randn(gs + (K,), **f64)
     xs = (gs if x_batched else ()) + (N, D)
-    far = 3.0 * torch.randn(xs, **f64)
+    wide = 3.0 * torch.randn(xs, **f64)
     kidx = torch.randint(0, K, (N,), generator=g)
     anchor = means[0, kidx] if (gs and not x_batched) else means[..., kidx, :]
     near = anchor + torch.randn(xs, **f64) / 1.5
-    pick = torch.rand(xs[:-1] + (1,), generator=g) < 0.5
-    x = torch.where(pick, near, far)
+    pick = (torch.rand(xs[:-1] + (1,), generator=g) < 0.5) | (not far)
+    x = torch.where(pick, near, wide)
     out = dict(x=x, means=means, prec_chol=prec, logits=logits)
     return {k: v.to(dtype=dtype, device=device).requires_grad_(requires_grad) for k, v in out.items()}
 

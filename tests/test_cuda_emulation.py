@@ -12,6 +12,7 @@ libasan preloaded: csrc/README.md).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from fastgmmdiff import reference
-from fastgmmdiff.testing import RTOL_VALUE, random_problem, rel_err
+from fastgmmdiff.testing import assert_close_per_element, bars, elementwise_error, random_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 COVS = ["diag", "spherical", "full"]
@@ -48,7 +49,11 @@ def emu():
 
     san = os.environ.get("FASTGMMDIFF_EMU_SANITIZE", "")
     flags = ["-O2", "-std=c++17"] + ([f"-fsanitize={san}", "-fno-omit-frame-pointer", "-g"] if san else [])
-    build = ROOT / "build" / ("cuda-emu" + (f"-{san}" if san else ""))
+    # torch's JIT build hashes only the listed source, not what it includes: key the build
+    # folder on the CUDA sources and the emulation, so an edited kernel is rebuilt.
+    parts = sorted(p for d in (ROOT / "csrc", ROOT / "tests" / "cuda_emu") for p in d.rglob("*") if p.is_file())
+    key = hashlib.sha1(b"".join(p.read_bytes() for p in parts)).hexdigest()[:12]
+    build = ROOT / "build" / ("cuda-emu" + (f"-{san}" if san else "") + f"-{key}")
     build.mkdir(parents=True, exist_ok=True)
     path = cpp_extension.load(
         name="fastgmmdiff_cuda_emu" + (f"_{san}" if san else ""),
@@ -77,13 +82,6 @@ def _cpu():
     return torch.ops.fastgmmdiff
 
 
-def _elementwise_err(a, ref):
-    """max_i |a_i − ref_i| / (|ref_i| + rms(ref)); an exact element counts 0 (also where ref = 0)."""
-    d = (a - ref).abs()
-    e = torch.where(d == 0, torch.zeros_like(d), d / (ref.abs() + ref.pow(2).mean().sqrt()))
-    return e.max().item() if e.numel() else 0.0
-
-
 def agree(a, b, name, dtype, ref=None):
     """Element-wise agreement of ``a`` (emulated CUDA) with ``b`` (CPU kernels): the same
     finiteness pattern and infinities, and the accuracy rule above (against ``ref``, float64)."""
@@ -96,15 +94,15 @@ def agree(a, b, name, dtype, ref=None):
         return
     a, b = a[fb], b[fb]
     if ref is None:
-        err, bar = _elementwise_err(a, b), AGREE[dtype]
+        err, bar = elementwise_error(a, b), AGREE[dtype]
     else:
         r = ref.detach().double()[fb]
-        err, bar = _elementwise_err(a, r), max(AGREE[dtype], 4 * _elementwise_err(b, r))
+        err, bar = elementwise_error(a, r), max(AGREE[dtype], 4 * elementwise_error(b, r))
     assert err <= bar, f"{name}: element-wise error {err:.3g} > {bar:.3g}"
 
 
-def problem(cov, G, N, K, D, seed, x_batched=True, dtype=torch.float32):
-    p = random_problem(cov, G, N=N, K=K, D=D, seed=seed, x_batched=x_batched, dtype=dtype)
+def problem(cov, G, N, K, D, seed, x_batched=True, dtype=torch.float32, far=True):
+    p = random_problem(cov, G, N=N, K=K, D=D, seed=seed, x_batched=x_batched, dtype=dtype, far=far)
     return [p[k] for k in ARGS]
 
 
@@ -125,7 +123,7 @@ def check_log_prob(E, C, cov, args, seed=0, with_reference=True):
         a64 = [t.detach().double().requires_grad_() for t in args]
         ref = reference.gmm_log_prob(*a64, cov)
         ref_grads = torch.autograd.grad(ref, a64, up)
-        assert rel_err(lp, ref) <= RTOL_VALUE
+        assert_close_per_element(lp, ref, bars(lp.dtype).value, "log p")
     if C is not None:
         lc = C.log_prob(*args, cov)
         agree(lp, lc, "log p", acc, ref)
@@ -186,7 +184,7 @@ def test_ngmg(emu, cov, G, use_target, normalize, seed):
     a64 = [a.detach().double().requires_grad_() for a in (x, m, p, lg)]
     ref = reference.ngmg_loss(*a64, cov, target=t, normalize=normalize, reduction="none")
     ref_grads = torch.autograd.grad(ref, a64, up, allow_unused=True)
-    assert rel_err(loss, ref) <= RTOL_VALUE
+    assert_close_per_element(loss, ref, bars(loss.dtype).value, "NGMG")
     if use_target:  # the weights do not enter
         assert ref_grads[3] is None and torch.all(grads[3] == 0)
     lc, sc = C.ngmg(x, m, p, lg, t, cov, normalize)
@@ -258,12 +256,15 @@ def test_dead_rows_and_sharp_components(emu, cov, seed):
 def test_shared_memory_boundary(emu, cov, dtype, D, block, seed):
     """Finding 3: the backward asked for more shared memory than the opt-in limit (fp32 full
     D ≥ 113 ...), and the refused cudaFuncSetAttribute left an error for the next launch.
-    Now the block shrinks until it fits; the emulation enforces the H100/H200 limit."""
+    Now the block shrinks until it fits; the emulation enforces the H100/H200 limit.  Points
+    near the components: at D ≈ 226 a far point (ℓ ~ −2500, float32 spacing 2.4e-4) has
+    responsibilities no float32 summation order resolves to the bar, and which order lands
+    closer is chance; far rows are judged by the layout tests (D = 59) and the CPU tests."""
     elem = 8 if dtype == torch.float64 else 4
     smem = lambda b: elem * (b * D * (2 if cov == "full" else 1) + b + 1)  # noqa: E731
     assert smem(block) <= SMEM_OPTIN and (block == 256 or smem(2 * block) > SMEM_OPTIN)
     before = emu.emu_stats()
-    check_log_prob(emu, _cpu(), cov, problem(cov, None, 256, 2, D, seed, dtype=dtype), seed)
+    check_log_prob(emu, _cpu(), cov, problem(cov, None, 256, 2, D, seed, dtype=dtype, far=False), seed)
     after = emu.emu_stats()
     assert after[1] == before[1], "a launch failed"
     assert after[3] <= SMEM_OPTIN

@@ -139,6 +139,25 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
   const T lpn = live ? logp[g * N + n] : T(0);
   const T* xg = x + ((Gx == 1 ? 0 : g) * N) * D;
   for (int d = 0; d < D; ++d) xs[tid * D + d] = live ? xg[n * D + d] : T(0);
+  // r = exp(ℓ − log p) takes log p rounded to T; in float32 far out (|log p| ≥ 32: ~1e-6 and
+  // more, shared by every r of the point) r is instead the softmax of the recomputed ℓ:
+  // δ = (max ℓ − log p) + log Σ exp(ℓ − max ℓ), r = exp((ℓ − log p) − δ) (as the CPU kernels).
+  T dl = 0;
+  if (sizeof(T) == 4 && live && gn != T(0) && (lpn >= T(32) || lpn <= T(-32))) {
+    const T* xp = xs + tid * D;  // this thread's own row: no barrier needed
+    T m = ninf<T>(), s = 0;
+    for (int k = 0; k < K; ++k) {
+      const int64_t gk = g * K + k;
+      const T l = ldg(a + gk) - T(0.5) * quad_point<T, COV>(xp, means + gk * D, prec + gk * ps, D);
+      if (l > m) {
+        s = s * dev_exp(m - l) + T(1);
+        m = l;
+      } else if (l > ninf<T>()) {
+        s += dev_exp(l - m);
+      }
+    }
+    dl = (m - lpn) + dev_log(s);  // live: m finite, s ≥ 1
+  }
   ws[tid] = gn;
   __syncthreads();
   if (tid == 0) {  // Σ_n g_n of the tile, in point order
@@ -157,7 +176,7 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
     const T q = quad_point<T, COV>(xr, mu, pr, D);
     // Only live rows: for padding and dead rows the exponent (a_k − ½q with x = 0) can overflow,
     // and 0 · inf would be NaN.  For a live row ℓ ≤ log p, so the exp is at most ~1.
-    const T w = live ? gn * dev_exp(ldg(a + gk) - T(0.5) * q - lpn) : T(0);
+    const T w = live ? gn * dev_exp(ldg(a + gk) - T(0.5) * q - lpn - dl) : T(0);
     ws[tid] = w;
     if (live && w != T(0)) {  // padding threads (n ≥ N) have no row of ∂x
       if (COV == kFull) {
