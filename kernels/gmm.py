@@ -23,7 +23,10 @@ Tiling — the structure of a FlashAttention forward without the V product:
   same operations in the same order, so ℓ_nk − log p_n is exact to rounding of the small
   difference even where log p is in the thousands (an exp2 domain with log p converted between
   bases lost eps·|log p| there: 5e-5 relative gradient error at D = 130).
-* backward, from the saved log p: r_nk = exp(ℓ_nk − log p_n), w_nk = g_n r_nk, and
+* backward, from the saved log p: r_nk = exp((ℓ_nk − log p_n) − δ_n), w_nk = g_n r_nk, where in
+  float32 δ_n (one more forward pass, ``_lse_residual``) is what the saved log p lacks of the
+  exact log-sum-exp of the recomputed ℓ: log p's own rounding (~2e-5 at |log p| ~ 600) would
+  otherwise scale every r of the point alike (δ = 0 in float64), and
 
       ∂x_n = −Σ_k w_nk Λ_k z_nk        ∂μ_k = Σ_n w_nk Λ_k z_nk       ∂logits_k = W_k − π_k Σ_n g_n
       diag ∂s_kd = W_k/s_kd − s_kd Σ_n w_nk z²_nkd       sph. ∂s_k = D W_k/s_k − s_k Σ_n w_nk ‖z_nk‖²
@@ -127,6 +130,16 @@ def _row_weights(g_ptr, lp_ptr, offs_n, mask_n, ACC: tl.constexpr):
 
 
 @triton.jit
+def _row_weights_delta(g_ptr, lp_ptr, dl_ptr, offs_n, mask_n, ACC: tl.constexpr):
+    """``_row_weights`` and δ per point (0 for padding and dead rows): the log-sum-exp of the
+    recomputed ℓ minus the saved (rounded) log p (``_lse_residual``); the backward's r is
+    exp((ℓ − log p) − δ)."""
+    gw, lp = _row_weights(g_ptr, lp_ptr, offs_n, mask_n, ACC)
+    dl = tl.load(dl_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+    return gw, lp, tl.where(gw != 0, dl, 0.0)
+
+
+@triton.jit
 def _q_tile(x_row, mu_ptr, s_ptr, offs_n, mask_n, offs_k, mask_k, D, sxn, smk, ssk,
             SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             BLOCK_D: tl.constexpr, ACC: tl.constexpr):
@@ -163,11 +176,22 @@ def _lse_result(m, l):
     return m_safe + tl.log(l)
 
 
+@triton.jit
+def _lse_residual(m, l, lp):
+    """δ = (m − log p) + log l: what the saved log p (rounded to the accumulation dtype) lacks
+    of the log-sum-exp of these ℓ.  In float32 at |log p| ~ 600 that rounding is ~2e-5, an
+    error every r = exp(ℓ − log p) of the point would share; with δ, r is the softmax of ℓ.
+    0 for dead rows (log p or every ℓ −inf)."""
+    ok = (m > float("-inf")) & (lp > float("-inf"))
+    return tl.where(ok, (tl.where(ok, m, 0.0) - tl.where(ok, lp, 0.0)) + tl.log(tl.where(ok, l, 1.0)), 0.0)
+
+
 @_kernel
-def _fwd_diag_kernel(x_ptr, mu_ptr, s_ptr, a_ptr, out_ptr, N, K, D,
+def _fwd_diag_kernel(x_ptr, mu_ptr, s_ptr, a_ptr, out_ptr, lp_ptr, N, K, D,
                      sxg, sxn, smg, smk, ssg, ssk, sag, sog,
                      SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+                     BLOCK_D: tl.constexpr, ACC: tl.constexpr, RESID: tl.constexpr):
+    """log p of a tile of points (RESID: δ against the saved log p at lp_ptr instead)."""
     pid_n = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,24 +207,29 @@ def _fwd_diag_kernel(x_ptr, mu_ptr, s_ptr, a_ptr, out_ptr, N, K, D,
         a = tl.load(a_ptr + g * sag + offs_k, mask=mask_k, other=float("-inf")).to(ACC)
         l2 = a[None, :] - 0.5 * q
         m, l = _online_lse(m, l, tl.where(mask_k[None, :], l2, float("-inf")))
-    tl.store(out_ptr + g * sog + offs_n, _lse_result(m, l), mask=mask_n)
+    if RESID:
+        lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
+        tl.store(out_ptr + g * sog + offs_n, _lse_residual(m, l, lp), mask=mask_n)
+    else:
+        tl.store(out_ptr + g * sog + offs_n, _lse_result(m, l), mask=mask_n)
 
 
 @triton.jit
-def _w_tile(x_row, mu_ptr, s_ptr, a_ptr, offs_n, mask_n, offs_k, mask_k, gw, lp, D, sxn, smk, ssk,
+def _w_tile(x_row, mu_ptr, s_ptr, a_ptr, offs_n, mask_n, offs_k, mask_k, gw, lp, dl, D, sxn, smk, ssk,
             SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """w [BLOCK_N, BLOCK_K] = g_n exp(ℓ_nk − log p_n), 0 outside the masks and for dead rows."""
+    """w [BLOCK_N, BLOCK_K] = g_n exp((ℓ_nk − log p_n) − δ_n), 0 outside the masks and for dead
+    rows."""
     q = _q_tile(x_row, mu_ptr, s_ptr, offs_n, mask_n, offs_k, mask_k, D, sxn, smk, ssk,
                 SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
     a = tl.load(a_ptr + offs_k, mask=mask_k, other=float("-inf")).to(ACC)
     l2 = a[None, :] - 0.5 * q
-    w = gw[:, None] * tl.exp(l2 - lp[:, None])
+    w = gw[:, None] * tl.exp((l2 - lp[:, None]) - dl[:, None])
     return tl.where(mask_k[None, :] & (gw != 0)[:, None] & (l2 > float("-inf")), w, 0.0)
 
 
 @_kernel
-def _bwd_x_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_ptr, N, K, D,
+def _bwd_x_diag_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_ptr, N, K, D,
                        sxg, sxn, smg, smk, ssg, ssk, sag, sog, sdg, sdn,
                        SPHERICAL: tl.constexpr, ONE_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
@@ -213,13 +242,13 @@ def _bwd_x_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_ptr, N, K,
     x_row = x_ptr + g * sxg
     mu_g = mu_ptr + g * smg
     s_g = s_ptr + g * ssg
-    gw, lp = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
+    gw, lp, dl = _row_weights_delta(g_ptr + g * sog, lp_ptr + g * sog, dl_ptr + g * sog, offs_n, mask_n, ACC)
     dx_row = dx_ptr + g * sdg + offs_n[:, None].to(tl.int64) * sdn
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp, D,
+        w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp, dl, D,
                     sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
         if SPHERICAL:
             s = tl.load(s_g + offs_k * ssk, mask=mask_k, other=0.0).to(ACC)
@@ -244,7 +273,7 @@ def _bwd_x_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_ptr, N, K,
 
 
 @_kernel
-def _bwd_param_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, pz_ptr, pzz_ptr, pw_ptr,
+def _bwd_param_diag_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, pz_ptr, pzz_ptr, pw_ptr,
                            N, K, D, n_per_split, sxg, sxn, smg, smk, ssg, ssk, sag, sog,
                            SPHERICAL: tl.constexpr, ONE_D: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
@@ -270,8 +299,8 @@ def _bwd_param_diag_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, pz_ptr, p
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_hi
-        gw, lp = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
-        w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp, D,
+        gw, lp, dl = _row_weights_delta(g_ptr + g * sog, lp_ptr + g * sog, dl_ptr + g * sog, offs_n, mask_n, ACC)
+        w = _w_tile(x_row, mu_g, s_g, a_ptr + g * sag, offs_n, mask_n, offs_k, mask_k, gw, lp, dl, D,
                     sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
         wsum += tl.sum(w, axis=0)
         for d0 in range(0, D, BLOCK_D):
@@ -358,16 +387,18 @@ def _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N: tl.constexpr, BLOCK_C: tl.
 
 
 @triton.jit
-def _full_w(gw, lp, a, q):
-    """w = g exp(ℓ − log p) for one component; 0 for dead or padding rows and where ℓ = −inf."""
+def _full_w(gw, lp, dl, a, q):
+    """w = g exp((ℓ − log p) − δ) for one component; 0 for dead or padding rows and where ℓ = −inf."""
     l2 = a - 0.5 * q
-    return tl.where((gw != 0) & (l2 > float("-inf")), gw * tl.exp(l2 - lp), 0.0)
+    return tl.where((gw != 0) & (l2 > float("-inf")), gw * tl.exp((l2 - lp) - dl), 0.0)
 
 
 @_kernel
-def _fwd_full_kernel(x_ptr, mu_ptr, u_ptr, a_ptr, out_ptr, N, K, D,
+def _fwd_full_kernel(x_ptr, mu_ptr, u_ptr, a_ptr, out_ptr, lp_ptr, N, K, D,
                      sxg, sxn, smg, smk, sug, suk, sag, sog,
-                     ONE_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                     ONE_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+                     RESID: tl.constexpr):
+    """log p of a tile of points (RESID: δ against the saved log p at lp_ptr instead)."""
     pid_n = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -387,11 +418,15 @@ def _fwd_full_kernel(x_ptr, mu_ptr, u_ptr, a_ptr, out_ptr, N, K, D,
             q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
         a = tl.load(a_ptr + g * sag + k).to(ACC)
         m, l = _online_lse(m, l, (a - 0.5 * q)[:, None])
-    tl.store(out_ptr + g * sog + offs_n, _lse_result(m, l), mask=mask_n)
+    if RESID:
+        lp = tl.load(lp_ptr + g * sog + offs_n, mask=mask_n, other=float("-inf")).to(ACC)
+        tl.store(out_ptr + g * sog + offs_n, _lse_residual(m, l, lp), mask=mask_n)
+    else:
+        tl.store(out_ptr + g * sog + offs_n, _lse_result(m, l), mask=mask_n)
 
 
 @_kernel
-def _bwd_x_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_ptr, N, K, D,
+def _bwd_x_full_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_ptr, N, K, D,
                        sxg, sxn, smg, smk, sug, suk, sag, sog, sdg, sdn,
                        ONE_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                        ACC: tl.constexpr):
@@ -404,7 +439,7 @@ def _bwd_x_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_ptr, N, K,
     mask_n = offs_n < N
     x_row = x_ptr + g * sxg
     dx_row = dx_ptr + g * sdg + offs_n[:, None].to(tl.int64) * sdn
-    gw, lp = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
+    gw, lp, dl = _row_weights_delta(g_ptr + g * sog, lp_ptr + g * sog, dl_ptr + g * sog, offs_n, mask_n, ACC)
     inf_row = _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
     acc = tl.zeros((BLOCK_N, BLOCK_C), ACC)
     for k in range(0, K):
@@ -415,12 +450,12 @@ def _bwd_x_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_ptr, N, K,
             z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, 0, 0, D, sxn, BLOCK_C, ACC)
             y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
             q = tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1))
-            w = _full_w(gw, lp, a, q)
+            w = _full_w(gw, lp, dl, a, q)
             wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
             acc -= tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC)
         else:
             q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
-            w = _full_w(gw, lp, a, q)
+            w = _full_w(gw, lp, dl, a, q)
             for e0 in range(0, D, BLOCK_C):
                 y = _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
                 wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
@@ -437,7 +472,7 @@ def _bwd_x_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_ptr, N, K,
 
 
 @_kernel
-def _bwd_param_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, py_ptr, pzy_ptr, pw_ptr,
+def _bwd_param_full_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, py_ptr, pzy_ptr, pw_ptr,
                            N, K, D, n_per_split,
                            sxg, sxn, smg, smk, sug, suk, sag, sog,
                            ONE_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -464,12 +499,12 @@ def _bwd_param_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, py_ptr, p
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_hi
-        gw, lp = _row_weights(g_ptr + g * sog, lp_ptr + g * sog, offs_n, mask_n, ACC)
+        gw, lp, dl = _row_weights_delta(g_ptr + g * sog, lp_ptr + g * sog, dl_ptr + g * sog, offs_n, mask_n, ACC)
         inf_row = _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
         if ONE_C:
             z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, 0, 0, D, sxn, BLOCK_C, ACC)
             y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
-            w = _full_w(gw, lp, a, tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1)))
+            w = _full_w(gw, lp, dl, a, tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1)))
             wsum += w
             wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
             zm = tl.where((w != 0)[:, None], z, 0.0)
@@ -477,7 +512,7 @@ def _bwd_param_full_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, py_ptr, p
             acc_zy += tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
         else:
             q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
-            w = _full_w(gw, lp, a, q)
+            w = _full_w(gw, lp, dl, a, q)
             wsum += w
             for e0 in range(0, D, BLOCK_C):
                 y = _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
@@ -670,7 +705,7 @@ def log_prob_fwd(x, means, prec, logits, cov):
     """log p ``[G, N]`` in the accumulation dtype (canonical layout)."""
     G, K, D = means.shape
     N = x.shape[1]
-    acc_tl, acc = _acc(x.dtype)
+    _, acc = _acc(x.dtype)
     x, means, prec = x.contiguous(), means.contiguous(), prec.contiguous()
     a = _constants(means, prec, logits, cov, acc)
     out = torch.empty(G, N, dtype=acc, device=x.device)
@@ -678,19 +713,27 @@ def log_prob_fwd(x, means, prec, logits, cov):
         return out
     if K == 0:
         return out.fill_(float("-inf"))
+    _forward(x, means, prec, a, out, cov)
+    return out
+
+
+def _forward(x, means, prec, a, out, cov, lp=None):
+    """The forward kernel over contiguous inputs: log p into ``out`` [G, N], or with ``lp`` (the
+    saved log p) the residual δ of ``_lse_residual`` (for the backward)."""
+    G, K, D = means.shape
+    N = x.shape[1]
+    acc_tl, acc = _acc(x.dtype)
     sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
     b = _blocks(cov, D, acc)
     grid = (triton.cdiv(N, b["BLOCK_N"]), G)
+    args = (x, means, prec, a, out, out if lp is None else lp, N, K, D, sxg, sxn, smg, smk, spg, spk, K, N)
     if cov == "full":
-        _launch(_fwd_full_kernel)[grid](x, means, prec, a, out, N, K, D, sxg, sxn, smg, smk, spg, spk, K, N,
-                                        ONE_C=b["ONE_C"], BLOCK_N=b["BLOCK_N"], BLOCK_C=b["BLOCK_C"],
-                                        ACC=acc_tl, num_warps=b["num_warps"])
+        _launch(_fwd_full_kernel)[grid](*args, ONE_C=b["ONE_C"], BLOCK_N=b["BLOCK_N"], BLOCK_C=b["BLOCK_C"],
+                                        ACC=acc_tl, RESID=lp is not None, num_warps=b["num_warps"])
     else:
-        _launch(_fwd_diag_kernel)[grid](x, means, prec, a, out, N, K, D, sxg, sxn, smg, smk, spg, spk, K, N,
-                                        SPHERICAL=cov == "spherical", BLOCK_N=b["BLOCK_N"],
+        _launch(_fwd_diag_kernel)[grid](*args, SPHERICAL=cov == "spherical", BLOCK_N=b["BLOCK_N"],
                                         BLOCK_K=b["BLOCK_K"], BLOCK_D=b["BLOCK_D"], ACC=acc_tl,
-                                        num_warps=b["num_warps"])
-    return out
+                                        RESID=lp is not None, num_warps=b["num_warps"])
 
 
 # Tests set this to force the number of point splits of the parameter-gradient kernel (the
@@ -722,6 +765,11 @@ def log_prob_bwd(grad, x, means, prec, logits, logp, cov):
     live = torch.isfinite(logp)
     g = torch.where(live, grad.to(acc), 0.0).contiguous()
     lp = logp.to(acc).contiguous()
+    # δ per point (_lse_residual): in float32 one more forward pass, so that r is the softmax of
+    # the recomputed ℓ and not exp(ℓ − log p) with log p's rounding; float64 does not need it.
+    dl = torch.zeros(G, N, dtype=acc, device=x.device)
+    if acc == torch.float32 and N > 0 and K > 0 and G > 0:
+        _forward(x, means, prec, a, dl, cov, lp=lp)
     b = _blocks(cov, D, acc)
     BN = b["BLOCK_N"]
     one_d = b["ONE_C"] if cov == "full" else D <= b["BLOCK_D"]  # ∂x in registers, else in place
@@ -736,9 +784,9 @@ def log_prob_bwd(grad, x, means, prec, logits, logp, cov):
             py = torch.zeros(S, G, K, D, dtype=acc, device=x.device)
             pzy = torch.zeros(S, G, K, D, D, dtype=acc, device=x.device)
             kw = dict(ONE_C=one_d, BLOCK_N=BN, BLOCK_C=b["BLOCK_C"], ACC=acc_tl, num_warps=b["num_warps"])
-            _launch(_bwd_x_full_kernel)[grid_x](g, lp, x, means, prec, a, dx, N, K, D, sxg, sxn, smg, smk,
+            _launch(_bwd_x_full_kernel)[grid_x](g, lp, dl, x, means, prec, a, dx, N, K, D, sxg, sxn, smg, smk,
                                                 spg, spk, K, N, N * D, D, **kw)
-            _launch(_bwd_param_full_kernel)[(K, S, G)](g, lp, x, means, prec, a, py, pzy, pw, N, K, D, n_per,
+            _launch(_bwd_param_full_kernel)[(K, S, G)](g, lp, dl, x, means, prec, a, py, pzy, pw, N, K, D, n_per,
                                                        sxg, sxn, smg, smk, spg, spk, K, N, **kw)
             W, Y, Szy = pw.sum(0), py.sum(0), pzy.sum(0)
             gmu = torch.einsum("gkde,gke->gkd", p, Y)
@@ -749,10 +797,10 @@ def log_prob_bwd(grad, x, means, prec, logits, logp, cov):
             pzz = torch.zeros((S, G, K) if sph else (S, G, K, D), dtype=acc, device=x.device)
             kw = dict(SPHERICAL=sph, ONE_D=one_d, BLOCK_N=BN, BLOCK_K=b["BLOCK_K"], BLOCK_D=b["BLOCK_D"], ACC=acc_tl,
                       num_warps=b["num_warps"])
-            _launch(_bwd_x_diag_kernel)[grid_x](g, lp, x, means, prec, a, dx, N, K, D, sxg, sxn, smg, smk,
+            _launch(_bwd_x_diag_kernel)[grid_x](g, lp, dl, x, means, prec, a, dx, N, K, D, sxg, sxn, smg, smk,
                                                 spg, spk, K, N, N * D, D, **kw)
             grid_p = (triton.cdiv(K, b["BLOCK_K"]), S, G)
-            _launch(_bwd_param_diag_kernel)[grid_p](g, lp, x, means, prec, a, pz, pzz, pw, N, K, D, n_per,
+            _launch(_bwd_param_diag_kernel)[grid_p](g, lp, dl, x, means, prec, a, pz, pzz, pw, N, K, D, n_per,
                                                     sxg, sxn, smg, smk, spg, spk, K, N, **kw)
             W, Sz, Szz = pw.sum(0), pz.sum(0), pzz.sum(0)
             s2 = p * p
