@@ -168,6 +168,26 @@ def test_parameters_without_g_axis(emu, cov, seed):
 
 
 @pytest.mark.parametrize("cov", COVS)
+def test_far_rows_r_is_the_softmax(emu, cov, seed):
+    """At |log p| ~ 1600 the saved float32 log p is rounded by ~1e-4; the backward corrects
+    r = exp(ℓ − log p) by δ (log_prob_cuda.cu), so ∂x (well conditioned here: the means sit
+    close together) meets 1e-5 per element against float64."""
+    g = torch.Generator().manual_seed(seed)
+    N, K, D = 300, 2, 2
+    x = 40 * torch.randn(N, D, generator=g)
+    mu, lg = 0.1 * torch.randn(K, D, generator=g), torch.zeros(K)
+    prec = {"diag": torch.ones(K, D), "spherical": torch.ones(K), "full": torch.eye(D).expand(K, D, D).clone()}[cov]
+    lp = emu.log_prob(x, mu, prec, lg, cov)
+    up = torch.randn(N, generator=g)
+    gx = emu.log_prob_backward(up, x, mu, prec, lg, lp, cov)[0]
+    x64 = x.double().requires_grad_()
+    ref = reference.gmm_log_prob(x64, mu.double(), prec.double(), lg.double(), cov)
+    assert ref.abs().median() > 500
+    (rx,) = torch.autograd.grad(ref, x64, up.double())
+    assert_close_per_element(gx, rx, 1e-5, "d/dx")
+
+
+@pytest.mark.parametrize("cov", COVS)
 @pytest.mark.parametrize("G", [None, 5])
 @pytest.mark.parametrize("use_target", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
