@@ -203,6 +203,37 @@ def check_against_reference(p: dict, covariance_type: str, backend: str, op: str
     return out
 
 
+def check_dead_rows(p: dict, covariance_type: str, backend: str, dead) -> None:
+    """Rows ``dead`` of ``p["x"]`` ([N, D], made dead by the caller: an infinite coordinate, a
+    distance that overflows) must get log p = −inf and exactly zero ∂x; every other row's log p,
+    its ∂x, and every parameter gradient (to which dead rows contribute nothing) must equal the
+    float64 reference on the live rows alone, element by element within the bars, for a random
+    upstream gradient."""
+    from . import functional
+
+    cov = covariance_type
+    args = [p[k].detach().clone().requires_grad_() for k in ARGS]
+    out = functional.gmm_log_prob(*args, cov, backend=backend)
+    live = [n for n in range(out.shape[-1]) if n not in set(dead)]
+    assert bool((out[..., list(dead)] == float("-inf")).all()), "dead rows must be −inf"
+    up = torch.randn(out.shape, dtype=torch.float64, device=out.device).to(out.dtype)
+    grads = torch.autograd.grad(out, args, up)
+    assert all(bool(torch.isfinite(g).all()) for g in grads), "a dead row made a gradient non-finite"
+    assert bool((grads[0][..., list(dead), :] == 0).all()), "dead rows must have zero ∂x"
+    live_args = [args[0].detach()[..., live, :]] + [t.detach() for t in args[1:]]
+    a64 = [t.double().requires_grad_() for t in live_args]
+    ref = reference.gmm_log_prob(*a64, cov)
+    bar = bars(out.dtype)
+    assert_close_per_element(out[..., live], ref, bar.value, f"{backend} {cov} live rows")
+    up_live = up[..., live].double()
+    ref_grads = torch.autograd.grad(ref, a64, up_live)
+    bounds = gradient_bounds(lambda *a, form: reference.gmm_log_prob(*a, cov, form=form), live_args, up_live,
+                             ref_grads, bar.grad)
+    ours = [grads[0][..., live, :]] + list(grads[1:])
+    for name, g, r, b in zip(ARGS, ours, ref_grads, bounds):
+        check_gradient(g, r, b, bar.grad, f"{backend} {cov} d/d{name} (live rows)")
+
+
 def random_problem(covariance_type="diag", G=None, N=64, K=4, D=3, *, dtype=torch.float32,
                    device="cpu", seed=0, x_batched=True, requires_grad=False, far=True):
     """A mixture batch and points near it, as a dict of gmm_log_prob's arguments.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastgmmdiff as fg
-from fastgmmdiff.testing import check_against_reference, random_problem
+from fastgmmdiff.testing import check_against_reference, check_dead_rows, random_problem
 
 COVS = ["diag", "spherical", "full"]
 ARGS = ("x", "means", "prec_chol", "logits")
@@ -49,16 +49,15 @@ def test_ngmg_matches_reference(cov, use_target, gpu_backend):
     _check(p, cov, gpu_backend, op="ngmg", target=t)
 
 
-def test_dead_rows(gpu_backend):
-    p = _problem("diag", None, 6, 3, 4, seed=1)
-    x = p["x"].detach().clone()
-    x[1] = 1e30
-    x.requires_grad_()
-    out = fg.gmm_log_prob(x, p["means"], p["prec_chol"], p["logits"], backend=gpu_backend)
-    assert out[1] == -float("inf")
-    grads = torch.autograd.grad(out.sum(), [x, p["means"], p["prec_chol"], p["logits"]])
-    assert all(torch.isfinite(g).all() for g in grads)
-    assert torch.all(grads[0][1] == 0)
+@pytest.mark.parametrize("cov", COVS)
+def test_dead_rows(cov, gpu_backend, seed):
+    """An infinite coordinate and an overflowing distance: −inf and zero ∂x; the live rows and
+    every parameter gradient against float64 (testing.check_dead_rows)."""
+    p = _problem(cov, None, 6, 3, 4, seed=seed)
+    p = {k: v.detach().clone() for k, v in p.items()}
+    p["x"][1] = 1e30
+    p["x"][4, 0] = float("inf")
+    check_dead_rows(p, cov, gpu_backend, dead=[1, 4])
 
 
 def test_one_block_backward_is_deterministic():
