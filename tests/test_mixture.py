@@ -111,14 +111,27 @@ def test_training_by_gradient_descent_fits_data_and_keeps_parameters_valid(cov):
 
 
 def test_module_ngmg_and_repr():
+    """The module's log_prob, forward and ngmg_loss are the functional ops on its parameters
+    (values against float64, per element), and to_sklearn(index=) is that mixture."""
+    from fastgmmdiff import reference
+
     m = fg.GaussianMixture(3, 4, "full", n_mixtures=2)
     z = torch.randn(2, 5, 4)
-    assert m.ngmg_loss(z, reduction="none").shape == (2, 5)
-    assert m(z).shape == (2, 5)
+    params64 = [t.detach().double() for t in (m.means, m.prec_chol, m.logits)]
+    bar = bars(torch.float32).value
+    ngmg = m.ngmg_loss(z, reduction="none")
+    assert ngmg.shape == (2, 5)
+    assert_close_per_element(ngmg, reference.ngmg_loss(z.double(), *params64, "full", reduction="none"), bar, "ngmg")
+    lp = m(z)
+    assert lp.shape == (2, 5)
+    assert_close_per_element(lp, reference.gmm_log_prob(z.double(), *params64, "full"), bar, "log p")
+    assert torch.equal(lp, m.log_prob(z))
     assert "n_mixtures=2" in repr(m) and "covariance_type='full'" in repr(m)
     with pytest.raises(ValueError, match="pass index="):
         m.to_sklearn()
-    assert m.to_sklearn(index=1).means_.shape == (3, 4)
+    sk = m.to_sklearn(index=1)
+    assert sk.means_.shape == (3, 4)
+    assert_close_per_element(torch.from_numpy(sk.score_samples(z[1].double().numpy())), lp[1], bar, "sklearn")
     with pytest.raises(ValueError, match="covariance_type"):
         fg.GaussianMixture(2, 2, "tied")
 
