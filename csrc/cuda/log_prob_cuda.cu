@@ -84,18 +84,16 @@ __device__ __forceinline__ void add_out(T* p, T v, bool atomic) {
     *p += v;
 }
 
+// The running (max m, Σ exp(ℓ − m)) of one point's ℓ_k = a_k − ½q_k over mixture g's K
+// components (m = −inf, s = 0 when every ℓ is −inf); true when some ℓ is NaN.
 template <typename T, int COV>
-__global__ void fwd_kernel(const T* __restrict__ x, const T* __restrict__ means,
-                           const T* __restrict__ prec, const T* __restrict__ a, T* __restrict__ out,
-                           int64_t Gx, int64_t N, int K, int D, int64_t tiles) {
-  // 1-D grid over (mixture, tile of points): no 65535 limit on either.
-  const int64_t g = blockIdx.x / tiles;
-  const int64_t n = (blockIdx.x % tiles) * blockDim.x + threadIdx.x;
-  if (n >= N) return;
-  const T* xr = x + ((Gx == 1 ? 0 : g) * N + n) * D;
+__device__ __forceinline__ bool point_lse(const T* __restrict__ xr, const T* __restrict__ means,
+                                          const T* __restrict__ prec, const T* __restrict__ a, int64_t g,
+                                          int K, int D, T& m, T& s) {
   const int64_t ps = prec_stride<COV>(D);
-  T m = ninf<T>(), s = 0;
   bool nan = false;
+  m = ninf<T>();
+  s = 0;
   for (int k = 0; k < K; ++k) {
     const int64_t gk = g * K + k;
     const T l = ldg(a + gk) - T(0.5) * quad_point<T, COV>(xr, means + gk * D, prec + gk * ps, D);
@@ -108,6 +106,20 @@ __global__ void fwd_kernel(const T* __restrict__ x, const T* __restrict__ means,
       s += dev_exp(l - m);
     }
   }
+  return nan;
+}
+
+template <typename T, int COV>
+__global__ void fwd_kernel(const T* __restrict__ x, const T* __restrict__ means,
+                           const T* __restrict__ prec, const T* __restrict__ a, T* __restrict__ out,
+                           int64_t Gx, int64_t N, int K, int D, int64_t tiles) {
+  // 1-D grid over (mixture, tile of points): no 65535 limit on either.
+  const int64_t g = blockIdx.x / tiles;
+  const int64_t n = (blockIdx.x % tiles) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const T* xr = x + ((Gx == 1 ? 0 : g) * N + n) * D;
+  T m, s;
+  const bool nan = point_lse<T, COV>(xr, means, prec, a, g, K, D, m, s);
   out[g * N + n] = nan ? static_cast<T>(NAN) : (m == ninf<T>() ? m : m + dev_log(s));
 }
 
@@ -144,19 +156,9 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
   // δ = (max ℓ − log p) + log Σ exp(ℓ − max ℓ), r = exp((ℓ − log p) − δ) (as the CPU kernels).
   T dl = 0;
   if (sizeof(T) == 4 && live && gn != T(0) && (lpn >= T(32) || lpn <= T(-32))) {
-    const T* xp = xs + tid * D;  // this thread's own row: no barrier needed
-    T m = ninf<T>(), s = 0;
-    for (int k = 0; k < K; ++k) {
-      const int64_t gk = g * K + k;
-      const T l = ldg(a + gk) - T(0.5) * quad_point<T, COV>(xp, means + gk * D, prec + gk * ps, D);
-      if (l > m) {
-        s = s * dev_exp(m - l) + T(1);
-        m = l;
-      } else if (l > ninf<T>()) {
-        s += dev_exp(l - m);
-      }
-    }
-    dl = (m - lpn) + dev_log(s);  // live: m finite, s ≥ 1
+    T m, s;  // this thread's own row of xs: no barrier needed
+    point_lse<T, COV>(xs + tid * D, means, prec, a, g, K, D, m, s);
+    dl = (m - lpn) + dev_log(s);  // live: no NaN ℓ, m finite, s ≥ 1
   }
   ws[tid] = gn;
   __syncthreads();
