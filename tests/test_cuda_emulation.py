@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from fastgmmdiff import reference
-from fastgmmdiff.testing import assert_close_per_element, bars, elementwise_error, random_problem
+from fastgmmdiff.testing import assert_close_per_element, bars, elementwise_error, far_rows_problem, random_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 COVS = ["diag", "spherical", "full"]
@@ -172,13 +172,9 @@ def test_far_rows_r_is_the_softmax(emu, cov, seed):
     """At |log p| ~ 1600 the saved float32 log p is rounded by ~1e-4; the backward corrects
     r = exp(ℓ − log p) by δ (log_prob_cuda.cu), so ∂x (well conditioned here: the means sit
     close together) meets 1e-5 per element against float64."""
-    g = torch.Generator().manual_seed(seed)
-    N, K, D = 300, 2, 2
-    x = 40 * torch.randn(N, D, generator=g)
-    mu, lg = 0.1 * torch.randn(K, D, generator=g), torch.zeros(K)
-    prec = {"diag": torch.ones(K, D), "spherical": torch.ones(K), "full": torch.eye(D).expand(K, D, D).clone()}[cov]
+    x, mu, prec, lg = (far_rows_problem(cov, None, 300, seed=seed)[k] for k in ARGS)
     lp = emu.log_prob(x, mu, prec, lg, cov)
-    up = torch.randn(N, generator=g)
+    up = torch.randn(lp.shape)
     gx = emu.log_prob_backward(up, x, mu, prec, lg, lp, cov)[0]
     x64 = x.double().requires_grad_()
     ref = reference.gmm_log_prob(x64, mu.double(), prec.double(), lg.double(), cov)

@@ -11,7 +11,8 @@ import torch
 
 import fastgmmdiff as fg
 from fastgmmdiff import _dispatch, reference
-from fastgmmdiff.testing import assert_close_per_element, check_against_reference, check_dead_rows, random_problem
+from fastgmmdiff.testing import (assert_close_per_element, check_against_reference, check_dead_rows, far_rows_problem,
+                                 random_problem)
 
 COVS = ["diag", "spherical", "full"]
 # numpy's warnings from inside the interpreter (inf arithmetic of the dead-row cases)
@@ -169,12 +170,8 @@ def test_far_rows_r_is_the_softmax_of_the_recomputed_l(cov, seed):
     """At |log p| ~ 1600 float32 log p is rounded by ~1e-4; r = exp(ℓ − log p) passed that on to
     every gradient (1.8e-4 on ∂x, diag).  The backward's δ pass (kernels/gmm.py _lse_residual)
     makes r the softmax of ℓ: 1e-5 per element against float64, as the cpu and torch backends."""
-    g = torch.Generator().manual_seed(seed)
-    G, K, D = 64, 2, 2
-    x = 40 * torch.randn(G, 1, D, generator=g)
-    mu, lg = 0.1 * torch.randn(G, K, D, generator=g), torch.zeros(G, K)
-    prec = torch.eye(D).expand(G, K, D, D).clone() if cov == "full" else torch.ones((G, K, D) if cov == "diag" else (G, K))
-    args = [t.to(_device()).requires_grad_() for t in (x, mu, prec, lg)]
+    p = far_rows_problem(cov, 64, 1, seed=seed)
+    args = [p[k].to(_device()).requires_grad_() for k in ARGS]
     ref_args = [t.detach().cpu().double().requires_grad_() for t in args]
     ref = reference.gmm_log_prob(*ref_args, cov)
     assert ref.abs().median() > 500
