@@ -1,4 +1,4 @@
-// Autograd of fastgmmdiff::log_prob, log_prob_target and ngmg, in C++ (the Autograd
+// Autograd of fastgmmdiff::log_prob and ngmg, in C++ (the Autograd
 // dispatch key, for every device the ops serve).
 //
 // Why C++: in the latency regime (PERF.md `small`, `paper`, `mdn`) a Python autograd wrapper
@@ -29,9 +29,6 @@ using FwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&
 using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                           const Tensor&, const Tensor&, const Tensor&,
                                                           c10::string_view);
-using TBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                   const Tensor&, const Tensor&, const Tensor&,
-                                                   c10::string_view);
 
 using NgmgSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                            const c10::optional<Tensor>&, c10::string_view, bool);
@@ -62,43 +59,30 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
   }
 };
 
-// log_prob and log_prob_target: the same node, differing in the ops and the number of
-// gradients (the target op's fourth input, the target, gets none).
-struct LogProbOps {
-  static constexpr const char* kFwd = "fastgmmdiff::log_prob";
-  static constexpr const char* kBwd = "fastgmmdiff::log_prob_backward";
-  using Bwd = BwdSig;
-};
-struct TargetOps {
-  static constexpr const char* kFwd = "fastgmmdiff::log_prob_target";
-  static constexpr const char* kBwd = "fastgmmdiff::log_prob_target_backward";
-  using Bwd = TBwdSig;
-};
-
-template <typename Ops>
-class LogDensityFunction : public torch::autograd::Function<LogDensityFunction<Ops>> {
+// log_prob: saves the inputs and log p; its backward calls log_prob_backward.
+class LogProbFunction : public torch::autograd::Function<LogProbFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& prec,
-                        const Tensor& last, c10::string_view cov) {
-    static auto op = handle<FwdSig>(Ops::kFwd);
+                        const Tensor& logits, c10::string_view cov) {
+    static auto op = handle<FwdSig>("fastgmmdiff::log_prob");
     Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = op.call(x, means, prec, last, cov);
+      out = op.call(x, means, prec, logits, cov);
     }
-    ctx->save_for_backward({x, means, prec, last, out});
+    ctx->save_for_backward({x, means, prec, logits, out});
     ctx->saved_data["cov"] = std::string(cov);
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    static auto op = handle<typename Ops::Bwd>(Ops::kBwd);
+    static auto op = handle<BwdSig>("fastgmmdiff::log_prob_backward");
     const auto s = ctx->get_saved_variables();
     const std::string cov = ctx->saved_data["cov"].toStringRef();
     Tensor g = grad_out[0].defined() ? grad_out[0].contiguous() : at::zeros_like(s[4]);
     auto r = op.call(g, s[0], s[1], s[2], s[3], s[4], cov);
     variable_list grads = std::apply([](auto&... t) { return variable_list{t...}; }, r);
-    grads.resize(5);  // none for the rest (the target, covariance_type)
+    grads.resize(5);  // none for covariance_type
     return grads;
   }
 };
@@ -152,12 +136,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ngmg_backward_autograd(
 
 Tensor log_prob_autograd(const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& logits,
                          c10::string_view cov) {
-  return LogDensityFunction<LogProbOps>::apply(x, means, prec, logits, cov);
-}
-
-Tensor log_prob_target_autograd(const Tensor& x, const Tensor& means, const Tensor& prec,
-                                const Tensor& target, c10::string_view cov) {
-  return LogDensityFunction<TargetOps>::apply(x, means, prec, target, cov);
+  return LogProbFunction::apply(x, means, prec, logits, cov);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> log_prob_backward_autograd(
@@ -168,22 +147,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> log_prob_backward_autograd(
   return {r[0], r[1], r[2], r[3]};
 }
 
-std::tuple<Tensor, Tensor, Tensor> log_prob_target_backward_autograd(
-    const Tensor& grad, const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& target,
-    const Tensor& logp, c10::string_view cov) {
-  static auto op = handle<TBwdSig>("fastgmmdiff::log_prob_target_backward");
-  auto r = BackwardFunction::apply(&op, grad, x, means, prec, target, logp, cov);
-  return {r[0], r[1], r[2]};
-}
-
 }  // namespace
 }  // namespace fastgmmdiff
 
 TORCH_LIBRARY_IMPL(fastgmmdiff, Autograd, m) {
   m.impl("log_prob", &fastgmmdiff::log_prob_autograd);
-  m.impl("log_prob_target", &fastgmmdiff::log_prob_target_autograd);
   m.impl("log_prob_backward", &fastgmmdiff::log_prob_backward_autograd);
-  m.impl("log_prob_target_backward", &fastgmmdiff::log_prob_target_backward_autograd);
   m.impl("ngmg", &fastgmmdiff::ngmg_autograd);
   m.impl("ngmg_backward", &fastgmmdiff::ngmg_backward_autograd);
 }

@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "gmm_math.h"
+
 namespace fastgmmdiff {
 
 enum CovType : int { kDiag = 0, kSpherical = 1, kFull = 2 };
@@ -193,14 +195,12 @@ inline at::Tensor log_det(const at::Tensor& prec, int cov, int64_t D) {
 
 // Σ_d log U_k[d,d] − D/2 log 2π, [G, K]: a component's log-normaliser (no weight).
 inline at::Tensor component_lognorm(const at::Tensor& prec, int cov, int64_t D) {
-  constexpr double kLog2Pi = 1.8378770664093454835606594728112;
   return log_det(prec, cov, D).sub_(0.5 * D * kLog2Pi).contiguous();
 }
 
 // a_k = log π_k + Σ_d log U_k[d,d] − D/2 log 2π, [G, K], in prec's dtype.
 inline at::Tensor component_const(const at::Tensor& prec, const at::Tensor& logits, int cov, int64_t D) {
-  constexpr double kLog2Pi = 1.8378770664093454835606594728112;
-  return (at::log_softmax(logits, -1) + log_det(prec, cov, D)).sub_(0.5 * D * kLog2Pi).contiguous();
+  return (at::log_softmax(logits, -1) + component_lognorm(prec, cov, D)).contiguous();
 }
 
 }  // namespace fastgmmdiff

@@ -13,14 +13,10 @@ inline void define_schemas(torch::Library& m) {
   // Gradients of Σ grad·log p w.r.t. (x, means, prec_chol, logits), each in its input's dtype.
   m.def("log_prob_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, "
         "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
-  // One component per point: log N(x_n; μ_t, Σ_t) [G, N] with t = target[g, n] (int64 [G, N]).
-  m.def("log_prob_target(Tensor x, Tensor means, Tensor prec_chol, Tensor target, str covariance_type) -> Tensor");
-  // Gradients of Σ grad·log N w.r.t. (x, means, prec_chol).
-  m.def("log_prob_target_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor target, "
-        "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor)");
   // Fused NGMG (SPEC §2): (loss, logp), both result-shaped: loss = −p̃ per point, logp = log p
   // (no target) or the target component's a_t − ½q_t (a_t = its log-normaliser, 0 when
-  // normalize), saved for the backward.
+  // normalize), saved for the backward.  With a target only each point's own component is
+  // read (the gather kernels: csrc/cpu/target_cpu.cpp, the CUDA target kernels) for large K.
   m.def("ngmg(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, str covariance_type, "
         "bool normalize) -> (Tensor, Tensor)");
   // Gradients of Σ grad·loss w.r.t. (x, means, prec_chol, logits); logits' is 0 with a target.

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._math import acc_dtype as _acc
 
 
 _PREC_DIMS = {"diag": 2, "spherical": 1, "full": 3}
@@ -85,7 +83,7 @@ def register_log_prob_op(fwd_name: str, bwd_name: str, fakes: bool = True, autog
     _register(fwd_name, bwd_name, _fake_fwd, _fake_bwd, 4, fakes, autograd)
 
 
-# --- one component per point (NGMG with target) ----------------------------------------------
+# --- one component per point (NGMG with target; the torch and Triton backends) ---------------
 #
 #     <fwd>(Tensor x, Tensor means, Tensor prec_chol, Tensor target, str covariance_type) -> Tensor
 #     <bwd>(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor target, Tensor logp,

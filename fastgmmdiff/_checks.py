@@ -249,3 +249,13 @@ def check_reduction(reduction) -> str:
             f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}"
         )
     return reduction
+
+
+def reduce(loss, reduction: str):
+    """Apply a checked ``reduction``: ``"none"`` as is, ``"sum"``, or ``"mean"`` over every
+    element (0 when there are none, not NaN)."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum" or loss.numel() == 0:
+        return loss.sum()
+    return loss.mean()

@@ -29,10 +29,14 @@ class Backend:
     device_types: Optional[tuple]  # None: any device
     probe: Callable[[], Optional[str]]  # returns None when available, else the reason
     op: Callable[[], Callable]  # returns the forward op (called only when available)
-    target_op: Callable[[], Callable]  # the one-component-per-point forward op
+    # returns the one-component-per-point forward op (NGMG with a target); None for the
+    # api_layout backends, whose fused ``ngmg`` op does the target itself
+    target_op: Optional[Callable[[], Callable]]
     how_to_get: str
     # True: the ops take the API layout (G axes as given; see csrc/ops.h) and return [N] or
-    # [G, N]; False: the canonical layout of _checks, returning [G, N].
+    # [G, N], and ngmg_loss runs the compiled fused ``ngmg`` op (loss, normaliser and target
+    # inside); False: the canonical layout of _checks, returning [G, N], and ngmg_loss composes
+    # ``op`` / ``target_op`` with the exp and the normaliser in PyTorch.
     api_layout: bool = False
     # True: the ops check NGMG targets' range themselves (ValueError), so the API need not
     # read the values first (the CUDA kernels cannot without a sync: they give NaN instead).
@@ -140,8 +144,18 @@ def explain(device: torch.device, problem=None, has_target: bool = False) -> Bac
 
 
 def resolve(backend: str, device: torch.device, problem=None, has_target: bool = False) -> Backend:
-    """The backend for a call: ``backend`` by name, or the first of ``AUTO_ORDER`` that is
-    available and (given the ``problem``, a ``_checks.Canonical``) has no limit against it."""
+    """The backend for a call on ``device``'s tensors.
+
+    ``backend="auto"``: the first backend of ``AUTO_ORDER[device.type]`` (``("torch",)`` for
+    other device types) that is available here, validated on a GPU for CUDA tensors
+    (``VALIDATED``), and without a limit against ``problem`` (a ``_checks.Canonical``;
+    ``has_target``: NGMG with a target); ``"torch"`` when none is.  :func:`explain` spells the
+    choice out.
+
+    By name: that backend, or an error that says why not — ``TypeError`` (not a string),
+    ``ValueError`` (an unknown name; tensors on a device it does not serve; a limit of its
+    against this problem), ``RuntimeError`` (not available in this process, with how to get it).
+    """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
@@ -200,7 +214,7 @@ def _compiled(name):
 
 
 register(Backend("cpu", ("cpu",), lambda: _probe_compiled(False), _compiled("log_prob"),
-                 _compiled("log_prob_target"), _BUILD_HINT, api_layout=True,
+                 None, _BUILD_HINT, api_layout=True,
                  checks_target_range=True))
 @torch.compiler.assume_constant_result
 def _cuda_plan(cov: str, D: int, K: int, elem: int, device: int) -> tuple:
@@ -235,7 +249,7 @@ def _cuda_limits(c, has_target: bool, auto: bool) -> Optional[str]:
 
 
 register(Backend("cuda", ("cuda",), lambda: _probe_compiled(True), _compiled("log_prob"),
-                 _compiled("log_prob_target"), _BUILD_HINT, api_layout=True, limits=_cuda_limits))
+                 None, _BUILD_HINT, api_layout=True, limits=_cuda_limits))
 
 
 # --- Triton (kernels/, installed as fastgmmdiff.kernels) ---------------------------------------

@@ -39,12 +39,10 @@ def load():
     if "module" not in _state:
         try:
             from . import _C  # noqa: F401  (registers the fastgmmdiff::log_prob ops)
-            from ._autograd import register_log_prob_op, register_ngmg_fakes, register_target_op
+            from ._autograd import register_log_prob_op, register_ngmg_fakes
 
             # Fakes only: the autograd of these ops is C++ (csrc/autograd.cpp).
             register_log_prob_op("fastgmmdiff::log_prob", "fastgmmdiff::log_prob_backward", autograd=False)
-            register_target_op("fastgmmdiff::log_prob_target", "fastgmmdiff::log_prob_target_backward",
-                               autograd=False)
             register_ngmg_fakes("fastgmmdiff::ngmg", "fastgmmdiff::ngmg_backward")
             _state["module"], _state["error"] = _C, None
         except Exception as e:  # ImportError, OSError (undefined symbols), RuntimeError

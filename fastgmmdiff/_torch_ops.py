@@ -26,28 +26,13 @@ any product with z, so an overflowing distance (z² = inf) never meets a zero (0
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ._autograd import register_log_prob_op, register_target_op
+from ._math import acc_dtype, component_const, component_lognorm, finish_prec_grad
 
 _CHUNK_ELEMS = 1 << 22  # elements of the [G, C, K, D] intermediate per chunk (16 MiB in fp32)
-LOG_2PI = math.log(2.0 * math.pi)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _log_det(prec: Tensor, cov: str, D: int) -> Tensor:
-    if cov == "diag":
-        return prec.log().sum(-1)
-    if cov == "spherical":
-        return D * prec.log()
-    return torch.diagonal(prec, dim1=-2, dim2=-1).log().sum(-1)
 
 
 def _chunk(G: int, K: int, D: int) -> int:
@@ -71,19 +56,8 @@ def _prepare(x, means, prec, logits, cov):
     if cov == "full":
         prec = prec.triu()
     D = means.shape[-1]
-    const = torch.log_softmax(logits, -1) + _log_det(prec, cov, D) - 0.5 * D * LOG_2PI
+    const = component_const(prec, logits, cov, D)
     return x, means, prec, logits, const
-
-
-def finish_prec_grad(prec: Tensor, W: Tensor, S: Tensor, cov: str, D: int) -> Tensor:
-    """prec_chol gradient from W = Σ_n w_nk and S = Σ_n w_nk (z² | ‖z‖² | z yᵀ) (SPEC §1):
-    diag W/s − s S, spherical D W/s − s S, full triu(diag(W / U_dd) − S)."""
-    if cov == "diag":
-        return W[..., None] / prec - prec * S
-    if cov == "spherical":
-        return D * W / prec - prec * S
-    diag = torch.diagonal(prec, dim1=-2, dim2=-1)
-    return (torch.diag_embed(W[..., None] / diag) - S).triu()
 
 
 def log_prob_fwd(x: Tensor, means: Tensor, prec: Tensor, logits: Tensor, cov: str) -> Tensor:
@@ -180,7 +154,7 @@ def log_prob_target_fwd(x: Tensor, means: Tensor, prec: Tensor, target: Tensor, 
     G, K, D = means.shape
     mu, pt = _gather_target(means, prec, target)
     z = x.expand(G, -1, -1) - mu
-    c = (_log_det(prec, cov, D) - 0.5 * D * LOG_2PI).gather(1, target)
+    c = component_lognorm(prec, cov, D).gather(1, target)
     if cov == "diag":
         q = ((z * pt) ** 2).sum(-1)
     elif cov == "spherical":

@@ -7,15 +7,11 @@ registered in ``_autograd``.  The math is SPEC §1 and §2; the docstrings below
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from . import _checks, _dispatch
-from ._torch_ops import _log_det, acc_dtype
-
-LOG_2PI = math.log(2.0 * math.pi)
+from ._math import acc_dtype, component_lognorm, ngmg_log_normalizer
 
 
 def _empty_like_result(c: _checks.Canonical, shape) -> Tensor:
@@ -118,8 +114,7 @@ def _log_normalizer(c: _checks.Canonical) -> Tensor:
     dt = acc_dtype(c.dtype)
     _, _, prec, logits = c.api
     prec = prec.detach().to(dt)
-    a = torch.log_softmax(logits.detach().to(dt), -1) + _log_det(prec, c.covariance_type, c.D)
-    cst = torch.logsumexp(a, -1) - 0.5 * c.D * LOG_2PI
+    cst = ngmg_log_normalizer(prec, logits.detach().to(dt), c.covariance_type, c.D)
     return cst.unsqueeze(-1) if cst.dim() == 1 else cst
 
 
@@ -136,7 +131,7 @@ def _targeted_log_prob(c: _checks.Canonical, b, t: Tensor, normalize: bool) -> T
                        c.covariance_type)
     if normalize:
         prec = c.prec_chol.detach().to(lp.dtype)
-        lp = lp - (_log_det(prec, c.covariance_type, D) - 0.5 * D * LOG_2PI).gather(1, tg)
+        lp = lp - component_lognorm(prec, c.covariance_type, D).gather(1, tg)
     return lp.reshape(c.out_shape)
 
 
@@ -155,14 +150,6 @@ def backend_for(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, cov
     """
     c = _checks.prepare(x, means, prec_chol, logits, covariance_type)
     return _dispatch.explain(c.device, c, target is not None)
-
-
-def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss
-    if reduction == "sum" or loss.numel() == 0:
-        return loss.sum()
-    return loss.mean()
 
 
 def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
@@ -212,5 +199,5 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
         loss = -torch.exp(lp)
     else:
         loss = -torch.exp(_targeted_log_prob(c, b, t, normalize))
-    loss = _reduce(loss, reduction)
+    loss = _checks.reduce(loss, reduction)
     return loss if loss.dtype == c.dtype else loss.to(c.dtype)

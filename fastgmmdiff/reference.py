@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ._checks import check_covariance_type, check_reduction
+from ._checks import check_covariance_type, check_reduction, reduce
 
 FORMS = ("broadcast", "matmul")
 LOG_2PI = math.log(2.0 * math.pi)
@@ -99,14 +99,6 @@ def ngmg_log_normalizer(prec_chol, logits, covariance_type, D):
     return torch.logsumexp(a, -1) - 0.5 * D * LOG_2PI
 
 
-def _reduce(loss, reduction):
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.mean() if loss.numel() else loss.sum()
-
-
 def ngmg_loss(z, means, prec_chol, logits, covariance_type="diag", *, target=None,
               normalize=True, reduction="mean", form="broadcast"):
     """The NGMG loss of SPEC §2, written the obvious way (autograd gives the NGMG)."""
@@ -117,7 +109,7 @@ def ngmg_loss(z, means, prec_chol, logits, covariance_type="diag", *, target=Non
         if normalize:
             c = ngmg_log_normalizer(prec_chol, logits, covariance_type, D).detach()
             logp = logp - c.unsqueeze(-1)
-        return _reduce(-torch.exp(logp), reduction)
+        return reduce(-torch.exp(logp), reduction)
     # One component per point: p = N(z; μ_t, Σ_t), and c = sg(log|U_t| − D/2 log 2π), so that
     # p̃ = exp(−½‖U_tᵀ(z − μ_t)‖²) in value while its gradient is −p̃ ∇ log N(z; μ_t, Σ_t).
     K = means.shape[-2]
@@ -128,4 +120,4 @@ def ngmg_loss(z, means, prec_chol, logits, covariance_type="diag", *, target=Non
     log_pt = ld_t - 0.5 * torch.gather(sq, -1, idx).squeeze(-1)
     if normalize:
         log_pt = log_pt - ld_t.detach()
-    return _reduce(-torch.exp(log_pt), reduction)
+    return reduce(-torch.exp(log_pt), reduction)

@@ -71,7 +71,7 @@ from torch import Tensor
 from fastgmmdiff import _torch_ops
 from fastgmmdiff._autograd import register_log_prob_op, register_target_op
 from fastgmmdiff._dispatch import _triton_interpreted as interpreted
-from fastgmmdiff._torch_ops import LOG_2PI, _log_det, acc_dtype, finish_prec_grad
+from fastgmmdiff._math import acc_dtype, component_const, component_lognorm, finish_prec_grad
 
 # (A constant read inside a @triton.jit function must be a tl.constexpr: Triton's compiler
 # rejects a plain module-level float, its CPU interpreter does not — tests/test_triton_compile.py.)
@@ -658,7 +658,7 @@ def _launch(kernel):
 
 
 def _acc(dtype):
-    """(Triton, torch) accumulation dtypes for inputs of ``dtype`` (``_torch_ops.acc_dtype``)."""
+    """(Triton, torch) accumulation dtypes for inputs of ``dtype`` (``_math.acc_dtype``)."""
     acc = acc_dtype(dtype)
     return (tl.float64 if acc == torch.float64 else tl.float32), acc
 
@@ -681,13 +681,12 @@ def _blocks(cov: str, D: int, acc: torch.dtype = torch.float32) -> dict:
 
 def _constants(means, prec, logits, cov, acc):
     """a_k = log π_k + log|U_k| − D/2 log 2π, [G, K] in the accumulation dtype."""
-    return (torch.log_softmax(logits.to(acc), -1) + _target_consts(means, prec, cov, acc)).contiguous()
+    return component_const(prec.to(acc), logits.to(acc), cov, means.shape[-1]).contiguous()
 
 
 def _target_consts(means, prec, cov, acc):
     """c_k = log|U_k| − D/2 log 2π, [G, K] in the accumulation dtype."""
-    D = means.shape[-1]
-    return (_log_det(prec.to(acc), cov, D) - 0.5 * D * LOG_2PI).contiguous()
+    return component_lognorm(prec.to(acc), cov, means.shape[-1]).contiguous()
 
 
 def _strides(x, means, prec, cov, G):

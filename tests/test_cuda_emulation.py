@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from fastgmmdiff import reference
-from fastgmmdiff.testing import assert_close_per_element, bars, elementwise_error, far_rows_problem, random_problem
+from fastgmmdiff.testing import (LOOSEN_CAP, assert_close_per_element, bars, elementwise_error, far_rows_problem,
+                                 random_problem)
 
 ROOT = Path(__file__).resolve().parents[1]
 COVS = ["diag", "spherical", "full"]
@@ -31,7 +32,8 @@ ARGS = ("x", "means", "prec_chol", "logits")
 SMEM_OPTIN = 232448  # H100/H200 opt-in shared memory per block, as the emulation enforces
 # Element by element, against the CPU kernels: the error of an element, |a − ref| / (|ref| +
 # rms(ref)) against the float64 reference, may be at most 4× the CPU kernels' worst element, or
-# this floor.  Both accumulate in the same dtype in different orders, and at large D a float32
+# this floor, and never more than LOOSEN_CAP × the floor (the two share csrc/gmm_math.h: a bug
+# there is in both, and must not pass because the CPU kernels are as wrong).  Both accumulate in the same dtype in different orders, and at large D a float32
 # responsibility carries the rounding of an exponent in the hundreds whichever kernel computes
 # it (measured: the emulated CUDA kernels' worst element at up to 2.2× the CPU kernels' over 800
 # gradient tensors of random problems with D up to 226).  A kernel bug (a wrong index, a
@@ -97,7 +99,8 @@ def agree(a, b, name, dtype, ref=None):
         err, bar = elementwise_error(a, b), AGREE[dtype]
     else:
         r = ref.detach().double()[fb]
-        err, bar = elementwise_error(a, r), max(AGREE[dtype], 4 * elementwise_error(b, r))
+        err = elementwise_error(a, r)
+        bar = min(max(AGREE[dtype], 4 * elementwise_error(b, r)), LOOSEN_CAP * AGREE[dtype])
     assert err <= bar, f"{name}: element-wise error {err:.3g} > {bar:.3g}"
 
 
@@ -211,19 +214,21 @@ def test_ngmg(emu, cov, G, use_target, normalize, seed):
 
 
 @pytest.mark.parametrize("cov", COVS)
-def test_target_ops_with_shared_x(emu, cov, seed):
+def test_target_with_shared_x(emu, cov, seed):
+    """NGMG with a target and x shared by G = 4 mixtures (the gather kernels' atomics into ∂x):
+    the saved log N(x; μ_t, Σ_t), the loss and the gradients, against the CPU kernels and float64."""
     C = _cpu()
-    x, m, p, _ = problem(cov, 4, 70, 3, 5, seed, x_batched=False)
+    x, m, p, lg = problem(cov, 4, 70, 3, 5, seed, x_batched=False)
     t = torch.randint(0, 3, (4, 70), generator=torch.Generator().manual_seed(seed))
     a64 = [a.detach().double().requires_grad_() for a in (x, m, p)]
-    lg64 = torch.zeros(3, dtype=torch.float64)
-    ref = torch.log(-reference.ngmg_loss(*a64, lg64, cov, target=t, normalize=False, reduction="none"))
+    ref = reference.ngmg_loss(*a64, lg.double(), cov, target=t, normalize=False, reduction="none")
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, a64, g)
-    le, lc = emu.log_prob_target(x, m, p, t, cov), C.log_prob_target(x, m, p, t, cov)
-    agree(le, lc, "log N", torch.float32, ref)
-    for name, a, b, r in zip(ARGS, emu.log_prob_target_backward(g.float(), x, m, p, t, le, cov),
-                             C.log_prob_target_backward(g.float(), x, m, p, t, lc, cov), ref_grads):
+    (le, se), (lc, sc) = emu.ngmg(x, m, p, lg, t, cov, False), C.ngmg(x, m, p, lg, t, cov, False)
+    agree(le, lc, "loss", torch.float32, ref)
+    agree(se, sc, "log N", torch.float32, torch.log(-ref))
+    for name, a, b, r in zip(ARGS, emu.ngmg_backward(g.float(), x, m, p, lg, t, le, se, cov),
+                             C.ngmg_backward(g.float(), x, m, p, lg, t, lc, sc, cov), ref_grads):
         agree(a, b, name, torch.float32, r)
 
 
@@ -323,12 +328,12 @@ def test_out_of_range_target_is_never_read(emu, cov, seed):
     t = torch.randint(0, 3, (2, 30), generator=torch.Generator().manual_seed(seed))
     bad = t.clone()
     bad[1, 4], bad[0, 7] = 3, -1  # past the end of the parameters, before their start
-    lp = emu.log_prob_target(x, m, p, bad, cov)
+    loss, lp = emu.ngmg(x, m, p, lg, bad, cov, False)
     ok = torch.ones_like(lp, dtype=torch.bool)
     ok[1, 4] = ok[0, 7] = False
-    assert lp[~ok].isnan().all()
-    assert torch.equal(lp[ok], emu.log_prob_target(x, m, p, t, cov)[ok])
-    gx = emu.log_prob_target_backward(torch.ones_like(lp), x, m, p, bad, lp, cov)[0]
+    assert lp[~ok].isnan().all() and loss[~ok].isnan().all()
+    assert torch.equal(lp[ok], emu.ngmg(x, m, p, lg, t, cov, False)[1][ok])
+    gx = emu.ngmg_backward(torch.ones_like(lp), x, m, p, lg, bad, loss, lp, cov)[0]
     assert gx[1, 4].isnan().all() and gx[0, 7].isnan().all() and torch.isfinite(gx[ok]).all()
     loss, saved = emu.ngmg(x, m, p, lg, bad, cov, True)
     assert loss[~ok].isnan().all() and torch.isfinite(loss[ok]).all()
@@ -348,6 +353,7 @@ def test_nondeterministic_paths_tell_torch(emu, seed):
     x, m, p, lg = problem("diag", None, 300, 3, 4, seed)
     lp = emu.log_prob(x, m, p, lg, "diag")
     t = torch.zeros(300, dtype=torch.long)
+    tloss, tlp = emu.ngmg(x, m, p, lg, t, "diag", False)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -355,7 +361,7 @@ def test_nondeterministic_paths_tell_torch(emu, seed):
         with pytest.raises(RuntimeError, match="fastgmmdiff CUDA log_prob backward"):
             emu.log_prob_backward(torch.ones_like(lp), x, m, p, lg, lp, "diag")
         with pytest.raises(RuntimeError, match="fastgmmdiff CUDA NGMG-with-target backward"):
-            emu.log_prob_target_backward(torch.ones_like(lp), x, m, p, t, lp, "diag")
+            emu.ngmg_backward(torch.ones_like(tlp), x, m, p, lg, t, tloss, tlp, "diag")
     finally:
         torch.use_deterministic_algorithms(was)
 

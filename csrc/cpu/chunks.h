@@ -119,7 +119,8 @@ struct ParamSums {
 
 // The gradients of means and prec_chol from folded sums (SPEC §1), written into gmu_out and
 // gprec_out (shaped like means and prec):
-//   diag W/s − s S;  spherical D W/s − s S;  full triu(diag(W / U_dd) − S), S = Σ w z yᵀ.
+//   diag W/s − s S;  spherical D W/s − s S;  full triu(diag(W / U_dd) − S), S = Σ w z yᵀ
+// (csrc/gmm_math.h).
 template <typename T>
 void finish_param_grads(const ParamSums<T>& s, const T* prec, int cov, T* gmu_out, T* gprec_out) {
   const int64_t GK = s.GK, D = s.D;
@@ -129,17 +130,17 @@ void finish_param_grads(const ParamSums<T>& s, const T* prec, int cov, T* gmu_ou
     if (cov == kDiag) {
       for (int64_t d = 0; d < D; ++d) {
         const T u = prec[i * D + d];
-        gprec_out[i * D + d] = W[i] / u - u * S[i * D + d];
+        gprec_out[i * D + d] = prec_grad_scale(W[i], u, S[i * D + d]);
       }
     } else if (cov == kSpherical) {
-      gprec_out[i] = T(D) * W[i] / prec[i] - prec[i] * S[i];
+      gprec_out[i] = prec_grad_scale(T(D) * W[i], prec[i], S[i]);
     } else {
       const T* U = prec + i * D * D;
       const T* Si = S + i * D * D;
       T* o = gprec_out + i * D * D;
       for (int64_t d = 0; d < D; ++d)
         for (int64_t e = 0; e < D; ++e)
-          o[d * D + e] = e < d ? T(0) : (e == d ? W[i] / U[d * D + d] : T(0)) - Si[d * D + e];
+          o[d * D + e] = prec_grad_full(d, e, W[i], U[d * D + d], Si[d * D + e]);
     }
   }
 }

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "../gmm_math.h"
 #if defined(__x86_64__)
 #include <xmmintrin.h>
 #endif

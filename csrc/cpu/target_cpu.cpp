@@ -1,5 +1,5 @@
-// CPU kernels of fastgmmdiff::log_prob_target / log_prob_target_backward: one component per
-// point (NGMG with `target`).  The target component's parameters are read directly (a
+// CPU kernels of the fused NGMG's one-component-per-point path (fastgmmdiff::ngmg with `target`
+// and many components: log_prob_cpu.cpp): log N(x_n; μ_t, Σ_t) and its backward.  The target component's parameters are read directly (a
 // gather), never the other K − 1:
 //
 //   out_n = c_t − ½ q_n,   q_n = ‖U_tᵀ(x_n − μ_t)‖²,   c_t = Σ_d log U_t[d,d] − D/2 log 2π
@@ -194,8 +194,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
 
 }  // namespace cpu
 }  // namespace fastgmmdiff
-
-TORCH_LIBRARY_IMPL(fastgmmdiff, CPU, m) {
-  m.impl("log_prob_target", &fastgmmdiff::cpu::log_prob_target_cpu);
-  m.impl("log_prob_target_backward", &fastgmmdiff::cpu::log_prob_target_backward_cpu);
-}

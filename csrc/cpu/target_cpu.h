@@ -1,5 +1,5 @@
-// CPU entry points of the one-component-per-point ops (target_cpu.cpp), also used by the
-// fused NGMG (log_prob_cpu.cpp) when K is large.
+// CPU entry points of the one-component-per-point path (target_cpu.cpp): log N(x_n; μ_t, Σ_t)
+// and its backward, used by the fused NGMG (log_prob_cpu.cpp) when K is large.
 #pragma once
 
 #include <ATen/ATen.h>

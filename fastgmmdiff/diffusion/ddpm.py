@@ -33,6 +33,22 @@ SCHEDULES = {"cosine": cosine_betas, "linear": linear_betas}
 
 
 class GaussianDiffusion(nn.Module):
+    """A DDPM around a denoiser ``model(x_t, t, cond)``: the noise schedule, the training loss
+    and the samplers (module docstring).
+
+    Args:
+        model: the network; called as ``model(x_t, t, cond)`` with x_t ``[B, C, H, W]``, integer
+            timesteps t ``[B]`` and the condition ``cond``; it predicts v or ε (``prediction``).
+        timesteps: T, the number of diffusion steps (≥ 2).
+        schedule: ``"cosine"`` (Nichol & Dhariwal) or ``"linear"`` (Ho et al., scaled to T).
+        prediction: ``"v"`` (default) or ``"eps"``.
+
+    ``loss(x0, cond, generator)`` returns ``(per-sample MSE [B], x̂₀, t)``; ``sample(cond, shape,
+    steps=..., eta=..., generator=...)`` returns images in [−1, 1] (DDIM, or ancestral DDPM with
+    ``steps=None``).  The schedule is kept as (non-persistent) buffers, so ``.to(device)``
+    moves it.
+    """
+
     def __init__(self, model: nn.Module, timesteps: int = 1000, schedule: str = "cosine",
                  prediction: str = "v"):
         super().__init__()

@@ -52,6 +52,24 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run, with its default.
+
+    Each field is the command-line flag of the same name (``aux_weight`` is ``--aux-weight``;
+    ``progress=False`` is ``--no-progress``); ``fastgmmdiff-train --help`` describes them all, and
+    :func:`parse_config` builds a checked ``TrainConfig`` from a command line.  Built directly
+    (``TrainConfig(steps=200, out="runs/x")``) it is not checked: pass it to :class:`Trainer`.
+
+    The main ones: ``dataset`` (``shapes`` or ``digits``), ``conditioning`` (``feature``: a
+    Gaussian per feature value in its own slot of the condition vector; ``class``: a Gaussian per
+    feature combination, the baseline), ``aux`` / ``aux_weight`` (the auxiliary classifier's loss
+    on x̂₀ — ``ngmg``, ``bce`` or ``none`` — and its weight λ), ``held_out`` (feature
+    combinations kept out of training, as strings like ``"00111"``), ``steps``, ``batch_size``
+    (per process), ``device`` and ``backend`` (``auto`` or a name), ``amp`` (``auto``: bf16
+    autocast on CUDA only), ``out`` (the run folder), ``resume`` / ``overwrite``.
+    ``IDENTITY`` names the fields a ``resume`` may not change (they define the model, its data
+    and its optimisation).
+    """
+
     dataset: str = "shapes"
     conditioning: str = "feature"
     aux: str = "ngmg"
@@ -266,6 +284,17 @@ def save_checkpoint(obj: dict, path: str) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Read a trainer checkpoint written by :func:`save_checkpoint` (``Trainer.state()``): a dict
+    with ``version``, ``step``, ``config`` (the run's :class:`TrainConfig` as a dict), ``model``
+    (the ``DiffusionSystem`` state dict), ``ema`` (the EMA denoiser, an ``AveragedModel`` state
+    dict: sample from it), ``optimizer``, ``scheduler``, ``generators`` (one per process),
+    ``torch_rng`` and ``bad_in_row``.  Tensors are mapped to ``map_location``.  A version-1
+    checkpoint (EMA as a plain module copy) is converted on reading.
+
+    Raises ``FileNotFoundError`` when there is no file and ``ValueError`` when it is not a
+    fastgmmdiff trainer checkpoint of a known version.  The file is unpickled in full
+    (``weights_only=False``): load only checkpoints you trust.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
@@ -313,9 +342,29 @@ def load_dataset(cfg: TrainConfig):
 # --- the trainer ----------------------------------------------------------------------------
 
 class Trainer:
-    """Trains ``cfg``'s model (module docstring): ``train()`` runs to ``cfg.steps``;
-    ``write_samples()`` and :func:`fastgmmdiff.diffusion.evaluate.defect_report` report on it.
-    Refuses an ``out`` that holds an earlier run unless ``cfg.resume`` or ``cfg.overwrite``."""
+    """Trains ``cfg``'s model (module docstring) and keeps its run folder ``cfg.out``.
+
+    ``Trainer(cfg)`` renders or loads the dataset, builds the :class:`DiffusionSystem` (denoiser,
+    conditioner, auxiliary classifier), its EMA copy, AdamW with a linear warm-up, and, with
+    ``cfg.resume``, restores all of it and every random stream from ``<out>/checkpoint.pt``.
+    It refuses an ``out`` that holds an earlier run unless ``cfg.resume`` or ``cfg.overwrite``.
+
+    - ``train()`` runs to ``cfg.steps`` and returns ``"done"``, or ``"interrupted"`` after
+      SIGTERM/SIGINT (the checkpoint saved first); it raises :class:`TrainingDiverged` after
+      ``cfg.max_bad_steps`` non-finite steps in a row, leaving the last good checkpoint.
+    - ``train_step()`` is one optimizer step; it returns the losses, the gradient norm and
+      whether the step was skipped.
+    - ``sample(labels)`` draws images for feature combinations with the EMA weights;
+      ``write_samples()`` writes one grid of every combination to ``out``.
+    - ``save()`` / ``state()``: the checkpoint (see :func:`load_checkpoint`).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP; rank 0 writes.
+    Example::
+
+        t = Trainer(TrainConfig(steps=200, out="runs/demo", progress=False))
+        t.train()
+        images = t.sample(torch.tensor([[0, 1, 1, 0, 1]]))
+    """
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -369,6 +418,7 @@ class Trainer:
 
     # -- state --
     def state(self) -> dict:
+        """The checkpoint's contents (:func:`load_checkpoint`); collective under DDP."""
         gens = [self.gen.get_state()]
         if self.world > 1:
             gens = [None] * self.world
@@ -414,6 +464,9 @@ class Trainer:
         return self.sched.get_last_lr()[0]
 
     def train_step(self) -> dict:
+        """One optimizer step on a batch drawn with the run's generator.  Returns the losses
+        (``loss`` and its terms), ``grad_norm`` and ``skipped`` (True when the loss or the
+        gradient was not finite: no update, counted in ``bad_in_row``)."""
         idx = torch.randint(0, len(self.images), (self.cfg.batch_size,), device=self.device, generator=self.gen)
         x0, labels = self.images[idx], self.labels[idx]
         self.opt.zero_grad(set_to_none=True)
@@ -506,12 +559,19 @@ class Trainer:
 
     # -- outputs --
     def sample(self, labels, *, steps=None, seed=0, allow_unseen=True):
+        """Images in [−1, 1] for ``labels`` ([B, F] value indices per feature, −1: unspecified),
+        drawn with the EMA denoiser: DDIM with ``steps`` steps (default ``cfg.sample_steps``; 0:
+        ancestral DDPM through all T), reproducible from ``seed``.  ``allow_unseen``: whether
+        the class-conditioned baseline may be asked for a combination it never trained on (a
+        fresh component; otherwise an error); feature conditioning takes any combination."""
         g = torch.Generator(self.device).manual_seed(seed)
         steps = self.cfg.sample_steps if steps is None else steps
         return self.system.sample(labels, steps=steps or None, generator=g, denoiser=self.ema,
                                   allow_unseen=allow_unseen)
 
     def write_samples(self):
+        """Write ``samples_<step>.png`` into ``out``: one captioned image per feature combination,
+        held-out combinations marked.  Returns its path (None on ranks other than 0)."""
         if not self.is_main:
             return None
         from .evaluate import save_grid

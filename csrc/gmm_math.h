@@ -1,0 +1,40 @@
+// The compiled code's shared math (SPEC §1), each formula written once for C++ and CUDA (the
+// Python side's single home is fastgmmdiff/_math.py).  No torch headers: the ISA-specific CPU
+// kernel translation units (csrc/cpu/problem.h) and CUDA device code include it.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTGMMDIFF_HD __host__ __device__ __forceinline__
+#else
+#define FASTGMMDIFF_HD inline
+#endif
+
+namespace fastgmmdiff {
+
+// log 2π.  A component's log-normaliser is Σ_d log U_k[d,d] − D/2·log 2π, and
+// a_k = log π_k + that (ℓ_nk = a_k − ½‖U_kᵀ(x_n − μ_k)‖²).
+constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+
+// D/2·log 2π in T (the kernels' per-row form of the constant above).
+template <typename T>
+FASTGMMDIFF_HD T half_d_log_2pi(int64_t D) {
+  return T(0.5 * kLog2Pi) * T(D);
+}
+
+// The precision-Cholesky gradient step (SPEC §1), from W = Σ_n w_nk and S:
+//   diag (per d):  W/s − s·S,     S = Σ_n w z²_d    (n_w = W)
+//   spherical:     D·W/s − s·S,   S = Σ_n w ‖z‖²    (n_w = D·W)
+template <typename T>
+FASTGMMDIFF_HD T prec_grad_scale(T n_w, T s, T S) {
+  return n_w / s - s * S;
+}
+
+//   full, entry (d, e):  triu(diag(W / U_dd) − S)[d, e],  S = Σ_n w z yᵀ, y = Uᵀz.
+template <typename T>
+FASTGMMDIFF_HD T prec_grad_full(int64_t d, int64_t e, T W, T Udd, T S) {
+  return e < d ? T(0) : (d == e ? W / Udd : T(0)) - S;
+}
+
+}  // namespace fastgmmdiff
