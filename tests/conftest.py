@@ -43,7 +43,9 @@ def seed(request):
     return s
 
 
-CPU_BACKENDS = ("torch", "cpu")
+# "triton" runs CPU tensors under Triton's CPU interpreter (TRITON_INTERPRET=1, set above
+# when there is no GPU): the same kernels' semantics, slowly, so the shared tests run it too.
+CPU_BACKENDS = ("torch", "cpu", "triton")
 
 
 @pytest.fixture(params=CPU_BACKENDS)
@@ -52,6 +54,11 @@ def backend(request):
     from fastgmmdiff import _dispatch
 
     reason = _dispatch.unavailable_reason(request.param)
+    if reason is None and request.param == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        if request.node.get_closest_marker("interpreter_heavy") is not None:
+            reason = "too slow under Triton's CPU interpreter (tests/test_triton.py covers it at small sizes)"
+    elif reason is None and request.param == "triton":
+        reason = "it runs CPU tensors only under TRITON_INTERPRET=1"
     if reason is not None:
         pytest.skip(f"backend {request.param!r} unavailable: {reason}")
     return request.param

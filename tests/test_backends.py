@@ -113,13 +113,15 @@ def test_backend_for_says_what_auto_picks_and_why(monkeypatch):
     assert "cuda: the CUDA backward needs" in str(choice) and "triton: picked" in str(choice)
 
 
-OP_NAMES = {"torch": ("log_prob_torch", "log_prob_target_torch"), "cpu": ("log_prob", "log_prob_target")}
+OP_NAMES = {"torch": ("log_prob_torch", "log_prob_target_torch"), "cpu": ("log_prob", None),
+            "triton": ("log_prob_triton", "log_prob_target_triton")}
 
 
 @pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
 def test_opcheck(cov, backend):
     """torch.library.opcheck on every op pair: schema, fake (meta) kernel, autograd
-    registration and the backward op."""
+    registration and the backward op (the compiled backend's target path is inside its fused
+    ngmg op: test_opcheck_api_layout_and_fused_ngmg)."""
     fwd_name, tgt_name = OP_NAMES[backend]
     ops = torch.ops.fastgmmdiff
     p = random_problem(cov, 2, N=5, K=3, D=4, requires_grad=True)
@@ -127,14 +129,24 @@ def test_opcheck(cov, backend):
         p["prec_chol"] = p["prec_chol"].detach().triu().requires_grad_()
     args = tuple(p[k] for k in ARGS)
     fwd, bwd = getattr(ops, fwd_name), getattr(ops, fwd_name + "_backward")
-    torch.library.opcheck(fwd, (*args, cov))
+    # Under Triton's CPU interpreter a launch is a plain call (kernels/gmm.py _launch: wrap_triton
+    # takes no CPU tensors), which AOTDispatcher's functional tensors do not see written: the
+    # test_aot_dispatch_* checks need wrap_triton, i.e. a GPU (tests/test_gpu.py test_torch_compile).
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")  # opcheck's default
+    if backend == "triton":
+        utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(fwd, (*args, cov), test_utils=utils)
     logp = fwd(*args, cov)
-    torch.library.opcheck(bwd, (torch.randn_like(logp), *(a.detach() for a in args), logp.detach(), cov))
+    torch.library.opcheck(bwd, (torch.randn_like(logp), *(a.detach() for a in args), logp.detach(), cov),
+                          test_utils=utils)
+    if tgt_name is None:
+        return
     target = torch.randint(0, 3, (2, 5))
     tfwd, tbwd = getattr(ops, tgt_name), getattr(ops, tgt_name + "_backward")
-    torch.library.opcheck(tfwd, (*args[:3], target, cov))
+    torch.library.opcheck(tfwd, (*args[:3], target, cov), test_utils=utils)
     lt = tfwd(*args[:3], target, cov)
-    torch.library.opcheck(tbwd, (torch.randn_like(lt), *(a.detach() for a in args[:3]), target, lt.detach(), cov))
+    torch.library.opcheck(tbwd, (torch.randn_like(lt), *(a.detach() for a in args[:3]), target, lt.detach(), cov),
+                          test_utils=utils)
 
 
 def test_compiled_ops_reject_bad_layouts_without_crashing():
@@ -150,10 +162,12 @@ def test_compiled_ops_reject_bad_layouts_without_crashing():
         ops.log_prob(x, m, s, l, "tied")
     with pytest.raises(RuntimeError, match="logits must be"):
         ops.log_prob(x, m, s, l[:, :1], "diag")
-    with pytest.raises(ValueError, match="target holds 7"):  # a bad value: ValueError, as the API
-        ops.log_prob_target(x, m, s, torch.tensor([[0, 1, 7, 0]]), "diag")
-    with pytest.raises(RuntimeError, match="target must be int64"):
-        ops.log_prob_target(x, m, s, torch.zeros(1, 4, dtype=torch.int32), "diag")
+    for K in (2, 20):  # the tile kernels (K ≤ 16) and the gather kernels
+        mk, sk, lk = torch.randn(1, K, 3), torch.rand(1, K, 3) + 0.5, torch.zeros(1, K)
+        with pytest.raises(ValueError, match="target holds"):  # a bad value: ValueError, as the API
+            ops.ngmg(x, mk, sk, lk, torch.tensor([[0, 1, K + 5, 0]]), "diag", True)
+        with pytest.raises(RuntimeError, match="target must be int64"):
+            ops.ngmg(x, mk, sk, lk, torch.zeros(1, 4, dtype=torch.int32), "diag", True)
     with pytest.raises(RuntimeError, match="grad and logp must be"):
         ops.log_prob_backward(torch.ones(1, 3), x, m, s, l, torch.ones(1, 4), "diag")
 
@@ -271,7 +285,6 @@ def test_opcheck_api_layout_and_fused_ngmg(cov, G):
     torch.library.opcheck(ops.log_prob, (*args, cov))
     assert ops.log_prob(*args, cov).shape == ((5,) if G is None else (G, 5))
     target = torch.randint(0, 3, (5,) if G is None else (G, 5))
-    torch.library.opcheck(ops.log_prob_target, (*args[:3], target, cov))
     for t in (None, target):
         for normalize in (True, False):
             torch.library.opcheck(ops.ngmg, (*args, t, cov, normalize))

@@ -245,6 +245,7 @@ def test_one_point_per_mixture_edges(cov, dtype, seed, backend):
 
 @pytest.mark.parametrize("cov", COVS)
 @pytest.mark.parametrize("layout", ["one point per mixture", "one mixture", "row tiles"])
+@pytest.mark.interpreter_heavy
 def test_far_rows_gradients_do_not_inherit_the_rounding_of_log_p(layout, cov, seed, backend):
     """Every backward takes r as the softmax of the point's ℓ, not exp(ℓ − log p): at
     |log p| ~ 1600 float32 log p is rounded by ~1e-4, which exp(ℓ − log p) passes on to every
@@ -274,6 +275,7 @@ def test_many_tiny_mixtures_do_not_depend_on_the_thread_count(N, seed):
 @pytest.mark.parametrize("cov", COVS)
 @pytest.mark.parametrize("G,N", [(203, 1), (90, 3), (40, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.interpreter_heavy
 def test_many_tiny_mixtures(cov, G, N, dtype, seed, backend):
     """The `mdn` layout (many mixtures of few points): the compiled backend's row tiles, whose
     lanes are rows of different mixtures (tiles straddling mixtures, a partial last tile),

@@ -2,6 +2,7 @@
 the "parallel lines" behaviour of SPEC §2."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,53 @@ def test_far_points_give_zero_loss_and_zero_gradients(use_target, backend):
             assert g is None or torch.all(g == 0), name
         else:
             assert_close_per_element(g, r, 1e-4, f"d/d{name}")
+
+
+def _parallel_lines_reference(theta, n=64, K=11, sigma=0.1):
+    """``examples.parallel_lines.evaluate`` in float64 through the reference (the oracle)."""
+    th, z, means, prec = _parallel_lines(theta, n, K, sigma)
+    logits = torch.zeros(K, dtype=torch.float64)
+    loss = reference.ngmg_loss(z, means, prec, logits, "spherical")
+    (g_loss,) = torch.autograd.grad(loss, th)
+    th, z, means, prec = _parallel_lines(theta, n, K, sigma)
+    nll = -reference.gmm_log_prob(z, means, prec, logits, "spherical").mean()
+    (g_nll,) = torch.autograd.grad(nll, th)
+    return loss.item(), g_loss.item(), nll.item(), g_nll.item()
+
+
+def _readme_parallel_lines_table():
+    """The README's float32 parallel-lines rows: [(θ, L, dL/dθ, NLL, dNLL/dθ)] as printed."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = lines.index("| θ | NGMG L(θ) | dL/dθ | NLL(θ) | dNLL/dθ |") + 2
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        rows.append(tuple(float(c) for c in ln.strip("|").split("|")))
+    return rows
+
+
+def test_parallel_lines_readme_table_is_what_the_example_computes():
+    """Every number of the README's float32 table is what ``examples.parallel_lines`` computes
+    (to the 4 digits printed), and each float32 number is the float64 reference's within the
+    float32 bars: θ = 0 included (L at its minimum, both derivatives exactly 0 by symmetry), and
+    θ = 1e20, where the float32 distance overflows (the contract: L = 0, dL/dθ = 0, NLL = inf
+    with a zero gradient) while float64 still has a finite NLL."""
+    from fastgmmdiff.examples.parallel_lines import evaluate
+
+    rows = _readme_parallel_lines_table()
+    assert [r[0] for r in rows][:1] == [0.0] and rows[-1][0] == 1e20 and len(rows) >= 8
+    for theta, *printed in rows:
+        got = evaluate(theta)  # float32
+        for name, g, p in zip(("L", "dL/dθ", "NLL", "dNLL/dθ"), got, printed):
+            assert g == p or abs(g - p) <= 5e-4 * abs(p), (theta, name, g, p)  # 4 significant digits
+        ref = _parallel_lines_reference(theta)
+        if theta == 1e20:  # float32: the distance overflows (contract); float64: 5e41 and 1e22
+            assert got == (0.0, 0.0, math.inf, 0.0)
+            assert ref[:2] == (0.0, 0.0) and math.isfinite(ref[2]) and ref[3] > 0
+            continue
+        for name, g, r, bar in zip(("L", "dL/dθ", "NLL", "dNLL/dθ"), got, ref, (1e-5, 1e-4, 1e-5, 1e-4)):
+            assert_close_per_element(torch.tensor([g]), torch.tensor([r], dtype=torch.float64), bar,
+                                     f"θ={theta:g} {name}")
+        if theta == 0:
+            assert got[1] == 0 and got[3] == 0 and rows[0][1] == min(r[1] for r in rows)

@@ -212,8 +212,20 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
     r = subprocess.run(cmd[:-6] + ["--out", str(out), "--steps", str(ck["step"] + 2), "--log-every", "1", "--resume"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert T.load_checkpoint(str(out / "checkpoint.pt"))["step"] == ck["step"] + 2
+    final = T.load_checkpoint(str(out / "checkpoint.pt"))
+    assert final["step"] == ck["step"] + 2
     assert (out / "defects.md").exists() and list(out.glob("samples_*.png"))
+    # Interrupted at a step of the signal's choosing and resumed in a new process, the run (NGMG
+    # auxiliary loss, the default) logs and ends exactly as one that was never interrupted.
+    assert T.TrainConfig().aux == "ngmg"
+    straight = T.Trainer(_cfg(tmp_path, "--steps", str(ck["step"] + 2), "--log-every", "1", "--ckpt-every", "0",
+                              name="straight"))
+    assert straight.train() == "done"
+    assert _metrics(out / "metrics.jsonl") == _metrics(tmp_path / "straight" / "metrics.jsonl")
+    for mine, theirs in ((straight.system.state_dict(), final["model"]), (straight.ema.state_dict(), final["ema"])):
+        assert list(mine) == list(theirs)
+        for k in mine:
+            assert torch.equal(mine[k], theirs[k]), k
 
 
 def test_ddp_two_processes_agree(tmp_path):

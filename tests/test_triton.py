@@ -2,7 +2,9 @@
 Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before anything imports
 triton), on small sizes: every covariance type, odd sizes (N, K, D not multiples of the
 blocks; D past one block), G batching with per-mixture and shared x, −inf rows, float64 and
-half inputs, NGMG with and without target, determinism, opcheck and torch.compile."""
+half inputs, NGMG with and without target, determinism.  The tests shared by every backend
+(tests/conftest.py's ``backend`` fixture: test_log_prob, test_ngmg, test_distributions,
+test_backends' opcheck) run it too."""
 
 import os
 
@@ -147,18 +149,6 @@ def test_split_parameter_sums_match_one_split(cov, seed, monkeypatch):
         g1, g2 = (torch.autograd.grad(fg.gmm_log_prob(*args, cov, backend="triton"), args, up) for _ in range(2))
         assert all(torch.equal(a, b) for a, b in zip(g1, g2))
         _check(p, cov)
-
-
-def test_opcheck(seed):
-    from fastgmmdiff.kernels import gmm  # noqa: F401
-
-    p = random_problem("diag", 2, N=9, K=3, D=4, seed=seed, device=_device())
-    args = (p["x"], p["means"], p["prec_chol"], p["logits"], "diag")
-    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.fastgmmdiff.log_prob_triton, args, test_utils=utils)
-    t = torch.randint(0, 3, (2, 9), device=_device())
-    targs = (p["x"], p["means"], p["prec_chol"], t, "diag")
-    torch.library.opcheck(torch.ops.fastgmmdiff.log_prob_target_triton, targs, test_utils=utils)
 
 
 def test_auto_never_picks_triton_for_cpu_tensors():
