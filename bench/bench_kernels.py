@@ -4,6 +4,10 @@ workloads of PERF.md, forward and forward+backward, for gmm_log_prob and ngmg_lo
     bash scripts/bench.sh                       # CPU suite (a few minutes), JSON + table + plot
     python -m pytest bench --benchmark-only     # the same, by hand
 
+With ``--benchmark-disable`` (the test suite) every case runs once at tiny sizes, the GPU
+workloads on CPU tensors and the Triton backend under its CPU interpreter too, so that the
+benchmark code a GPU run depends on has run before it gets there.
+
 Each case is first checked against the float64 reference (fastgmmdiff.testing tolerances): a
 fastgmmdiff backend outside them fails; a peer outside them is timed and flagged in the
 results (its error is in extra_info).  On CUDA the timed callable ends with a synchronize and
@@ -26,7 +30,7 @@ IMPLS = ["fgd-torch", "fgd-cpu", "fgd-cuda", "fgd-triton", "naive", "matmul", "c
 def _cases():
     for dev in DEVICES:
         for w in WORKLOADS.values():
-            if w.device not in ("any", dev):
+            if w.device not in ("any", dev) and not (w.device == "cuda" and dev == "cpu"):
                 continue
             for op in OPS.get(w.name, ("log_prob", "ngmg")):
                 for pass_ in ("fwd", "fwdbwd"):
@@ -38,6 +42,8 @@ def _cases():
 def _skip_reason(dev, w, op, pass_, impl):
     if dev == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
+    if w.device == "cuda" and dev == "cpu" and not quick():
+        return "a GPU workload: on CPU only in quick mode (--benchmark-disable), at tiny sizes"
     if impl == "pykeops":
         try:
             import pykeops  # noqa: F401

@@ -89,9 +89,8 @@ def record_launches():
                     for xs in (x, x[:1]):  # per-mixture x, shared x
                         lp = gmm.log_prob_fwd(xs, m, p, lg, cov)
                         gmm.log_prob_bwd(torch.ones_like(lp), xs, m, p, lg, lp, cov)
-                        if cov != "full":  # full with target: the torch backend's gather op
-                            lt = gmm.log_prob_target_fwd(xs, m, p, t, cov)
-                            gmm.log_prob_target_bwd(torch.ones_like(lt), xs, m, p, t, lt, cov)
+                        lt = gmm.log_prob_target_fwd(xs, m, p, t, cov)
+                        gmm.log_prob_target_bwd(torch.ones_like(lt), xs, m, p, t, lt, cov)
     finally:
         gmm._launch = saved
     return launches

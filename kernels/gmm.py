@@ -42,8 +42,9 @@ NGMG with ``target`` (one component per point): the forward gathers each point's
 component (μ_t, s_t) — the other components are never read — and writes log N(x_n; μ_t, Σ_t);
 the backward writes each point's terms (w s_t² z, w z²) and sums them per component with a
 segment sum over the points sorted by target (a stable argsort): fixed order, no atomics.
-diag and spherical; full covariance (a D×D product per point) uses the torch backend's gather
-op inside the same op.
+Full covariance walks the sorted points instead: one program per component, its own μ and U,
+the same blocked D×D tl.dot as above, ∂x per point and the sums Σ w, Σ w y, Σ w z yᵀ per
+component (never a gathered U per point).
 
 −inf rows (every ℓ = −inf) get log p = −inf and zero gradients; inside a live row a component
 with r = 0 has w = 0 and is never multiplied with an infinite distance.
@@ -68,7 +69,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastgmmdiff import _torch_ops
 from fastgmmdiff._autograd import register_log_prob_op, register_target_op
 from fastgmmdiff._dispatch import _triton_interpreted as interpreted
 from fastgmmdiff._math import acc_dtype, component_const, component_lognorm, finish_prec_grad
@@ -537,6 +537,108 @@ def _bwd_param_full_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, p
         tl.store(pzy_row + offs_d[:, None] * D + offs_d[None, :], acc_zy, mask=mask_d[:, None] & mask_d[None, :])
 
 
+# --- kernels: one component per point (NGMG with target), full covariance ----------------------
+# The points are sorted by target (a stable argsort; ``_target_segments``): one program per
+# component and mixture walks its own points — rows perm[g, off[g, k] : off[g, k + 1]] — with
+# that component's μ and U, so the D×D product is the same tl.dot in blocks as above and nothing
+# per point beyond ∂x is written.  Fixed order, no atomics.
+
+@_kernel
+def _fwd_target_full_kernel(x_ptr, mu_ptr, u_ptr, c_ptr, perm_ptr, off_ptr, out_ptr, N, K, D,
+                            sxg, sxn, smg, smk, sug, suk, scg, sog,
+                            ONE_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                            ACC: tl.constexpr):
+    """log N(x_n; μ_k, Σ_k) = c_k − ½‖U_kᵀ(x_n − μ_k)‖² for the points n of component k."""
+    k = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    x_row = x_ptr + g * sxg
+    mu_k = mu_ptr + g * smg + k * smk
+    u_k = u_ptr + g * sug + k * suk
+    c = tl.load(c_ptr + g * scg + k).to(ACC)
+    lo = tl.load(off_ptr + g * (K + 1) + k)
+    hi = tl.load(off_ptr + g * (K + 1) + k + 1)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        m = offs < hi
+        rows = tl.load(perm_ptr + g * N + offs, mask=m, other=0)
+        inf_row = _inf_rows(x_row, rows, m, D, sxn, BLOCK_N, BLOCK_C)
+        if ONE_C:
+            z, u = _full_zu(x_row, mu_k, u_k, rows, m, 0, 0, D, sxn, BLOCK_C, ACC)
+            y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
+            q = tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1))
+        else:
+            q = _full_q(x_row, mu_k, u_k, rows, m, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
+        tl.store(out_ptr + g * sog + rows, c - 0.5 * q, mask=m)
+
+
+@_kernel
+def _bwd_target_full_kernel(g_ptr, x_ptr, mu_ptr, u_ptr, perm_ptr, off_ptr, dx_ptr, py_ptr, pzy_ptr, pw_ptr,
+                            N, K, D, sxg, sxn, smg, smk, sug, suk, sog, sdg, sdn,
+                            ONE_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                            ACC: tl.constexpr):
+    """For the points n of component k (w_n = upstream gradient, 0 for dead rows; g_ptr holds it
+    already masked): ∂x_n = −w_n U_k y_n into dx [G, N, D] (rows owned here), and the sums
+    pw = Σ w [G, K], py = Σ w y [G, K, D] (∂μ_k = U_k py), pzy = Σ w z yᵀ [G, K, D, D].  dx, py
+    and pzy are zero-initialised when D spans several blocks (they accumulate in place)."""
+    k = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    x_row = x_ptr + g * sxg
+    mu_k = mu_ptr + g * smg + k * smk
+    u_k = u_ptr + g * sug + k * suk
+    row = g * K + k
+    py_row = py_ptr + row * D
+    pzy_row = pzy_ptr + row * D * D
+    lo = tl.load(off_ptr + g * (K + 1) + k)
+    hi = tl.load(off_ptr + g * (K + 1) + k + 1)
+    wsum = tl.zeros((BLOCK_N,), ACC)
+    acc_y = tl.zeros((BLOCK_C,), ACC)
+    acc_zy = tl.zeros((BLOCK_C, BLOCK_C), ACC)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        m = offs < hi
+        rows = tl.load(perm_ptr + g * N + offs, mask=m, other=0)
+        w = tl.load(g_ptr + g * sog + rows, mask=m, other=0.0).to(ACC)
+        wsum += w
+        dx_row = dx_ptr + g * sdg + rows[:, None].to(tl.int64) * sdn
+        if ONE_C:
+            z, u = _full_zu(x_row, mu_k, u_k, rows, m, 0, 0, D, sxn, BLOCK_C, ACC)
+            y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
+            wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
+            zm = tl.where((w != 0)[:, None], z, 0.0)
+            acc_y += tl.sum(wy, axis=0)
+            acc_zy += tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
+            offs_d = tl.arange(0, BLOCK_C)
+            tl.store(dx_row + offs_d[None, :], -tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC),
+                     mask=m[:, None] & (offs_d < D)[None, :])
+        else:
+            for e0 in range(0, D, BLOCK_C):
+                y = _full_y_chunk(x_row, mu_k, u_k, rows, m, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
+                wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
+                offs_e = e0 + tl.arange(0, BLOCK_C)
+                mask_e = offs_e < D
+                tl.store(py_row + offs_e, tl.load(py_row + offs_e, mask=mask_e, other=0.0) + tl.sum(wy, axis=0),
+                         mask=mask_e)
+                for d0 in range(0, e0 + BLOCK_C, BLOCK_C):
+                    z, u = _full_zu(x_row, mu_k, u_k, rows, m, d0, e0, D, sxn, BLOCK_C, ACC)
+                    zm = tl.where((w != 0)[:, None], z, 0.0)
+                    offs_d = d0 + tl.arange(0, BLOCK_C)
+                    mask_d = offs_d < D
+                    ptrs = pzy_row + offs_d[:, None] * D + offs_e[None, :]
+                    msk = mask_d[:, None] & mask_e[None, :]
+                    part = tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
+                    tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+                    xp = dx_row + offs_d[None, :]
+                    xm = m[:, None] & mask_d[None, :]
+                    part = tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC)
+                    tl.store(xp, tl.load(xp, mask=xm, other=0.0) - part, mask=xm)
+    tl.store(pw_ptr + row, tl.sum(wsum, axis=0))
+    if ONE_C:
+        offs_d = tl.arange(0, BLOCK_C)
+        mask_d = offs_d < D
+        tl.store(py_row + offs_d, acc_y, mask=mask_d)
+        tl.store(pzy_row + offs_d[:, None] * D + offs_d[None, :], acc_zy, mask=mask_d[:, None] & mask_d[None, :])
+
+
 # --- kernels: one component per point (NGMG with target), diag and spherical ------------------
 
 @triton.jit
@@ -825,8 +927,19 @@ def _segment_sum(src, perm, offsets, K, acc_tl):
     return out
 
 
+def _target_segments(target, K):
+    """The points of each component, in a fixed order: ``perm`` [G, N] (a stable argsort of
+    target) and ``offsets`` [G, K + 1] (component k's points are perm[g, off[g,k] : off[g,k+1]])."""
+    G = target.shape[0]
+    perm = torch.argsort(target, dim=-1, stable=True).contiguous()
+    counts = torch.zeros(G, K, dtype=torch.int64, device=target.device).scatter_add_(1, target,
+                                                                                    torch.ones_like(target))
+    offsets = torch.cat([counts.new_zeros(G, 1), counts.cumsum(-1)], -1).contiguous()
+    return perm, offsets
+
+
 def log_prob_target_fwd(x, means, prec, target, cov):
-    """log N(x_n; μ_t, Σ_t) [G, N] for t = target [G, N] (diag / spherical)."""
+    """log N(x_n; μ_t, Σ_t) [G, N] for t = target [G, N]."""
     G, K, D = means.shape
     N = x.shape[1]
     acc_tl, acc = _acc(x.dtype)
@@ -836,6 +949,13 @@ def log_prob_target_fwd(x, means, prec, target, cov):
         return out
     c = _target_consts(means, prec, cov, acc)
     sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
+    if cov == "full":
+        b = _blocks(cov, D, acc)
+        perm, offsets = _target_segments(target, K)
+        _launch(_fwd_target_full_kernel)[(K, G)](x, means, prec, c, perm, offsets, out, N, K, D, sxg, sxn, smg,
+                                                 smk, spg, spk, K, N, ONE_C=b["ONE_C"], BLOCK_N=b["BLOCK_N"],
+                                                 BLOCK_C=b["BLOCK_C"], ACC=acc_tl, num_warps=b["num_warps"])
+        return out
     BN, BD = 32, _blocks(cov, D, acc)["BLOCK_D"]
     _launch(_fwd_target_kernel)[(triton.cdiv(N, BN), G)](x, means, prec, target, c, out, N, D, sxg, sxn, smg, smk,
                                                          spg, spk, K, N, SPHERICAL=cov == "spherical",
@@ -853,6 +973,27 @@ def log_prob_target_bwd(grad, x, means, prec, target, logp, cov):
     x, means, prec, target = x.contiguous(), means.contiguous(), prec.contiguous(), target.contiguous()
     sph = cov == "spherical"
     w = torch.where(torch.isfinite(logp), grad.to(acc), 0.0).contiguous()
+    perm, offsets = _target_segments(target, K)
+    if cov == "full":
+        b = _blocks(cov, D, acc)
+        one = b["ONE_C"]
+        dx = (torch.empty if one else torch.zeros)(G, N, D, dtype=acc, device=x.device)
+        py = (torch.empty if one else torch.zeros)(G, K, D, dtype=acc, device=x.device)
+        pzy = (torch.empty if one else torch.zeros)(G, K, D, D, dtype=acc, device=x.device)
+        W = torch.zeros(G, K, dtype=acc, device=x.device)
+        if N and G and K:
+            sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
+            _launch(_bwd_target_full_kernel)[(K, G)](w, x, means, prec, perm, offsets, dx, py, pzy, W, N, K, D,
+                                                     sxg, sxn, smg, smk, spg, spk, N, N * D, D, ONE_C=one,
+                                                     BLOCK_N=b["BLOCK_N"], BLOCK_C=b["BLOCK_C"], ACC=acc_tl,
+                                                     num_warps=b["num_warps"])
+        else:
+            dx.zero_(), py.zero_(), pzy.zero_()
+        p = prec.to(acc).triu()
+        gmu = torch.einsum("gkde,gke->gkd", p, py)
+        gprec = finish_prec_grad(p, W, pzy, cov, D)
+        gx = dx.sum(0, keepdim=True) if (Gx == 1 and G > 1) else dx
+        return tuple(t.to(d) for t, d in zip((gx, gmu, gprec), in_dtypes))
     lz = torch.empty(G, N, D, dtype=acc, device=x.device)
     zz = torch.empty((G, N, 1) if sph else (G, N, D), dtype=acc, device=x.device)
     if N and G:
@@ -861,9 +1002,6 @@ def log_prob_target_bwd(grad, x, means, prec, target, logp, cov):
         _launch(_bwd_target_kernel)[(triton.cdiv(N, BN), G)](w, logp.contiguous(), x, means, prec, target, lz, zz,
                                                              N, D, sxg, sxn, smg, smk, spg, spk, N,
                                                              SPHERICAL=sph, BLOCK_N=BN, BLOCK_D=BD, ACC=acc_tl)
-    perm = torch.argsort(target, dim=-1, stable=True).contiguous()
-    counts = torch.zeros(G, K, dtype=torch.int64, device=x.device).scatter_add_(1, target, torch.ones_like(target))
-    offsets = torch.cat([counts.new_zeros(G, 1), counts.cumsum(-1)], -1).contiguous()
     gmu = _segment_sum(lz, perm, offsets, K, acc_tl)
     S = _segment_sum(zz, perm, offsets, K, acc_tl)
     W = _segment_sum(w.unsqueeze(-1), perm, offsets, K, acc_tl)[..., 0]
@@ -896,16 +1034,12 @@ register_log_prob_op("fastgmmdiff::log_prob_triton", "fastgmmdiff::log_prob_trit
 @torch.library.triton_op("fastgmmdiff::log_prob_target_triton", mutates_args=())
 def log_prob_target_triton(x: Tensor, means: Tensor, prec_chol: Tensor, target: Tensor,
                            covariance_type: str) -> Tensor:
-    if covariance_type == "full":  # one D×D product per point: the torch backend's gather op
-        return _torch_ops.log_prob_target_fwd(x, means, prec_chol, target, covariance_type)
     return log_prob_target_fwd(x, means, prec_chol, target, covariance_type)
 
 
 @torch.library.triton_op("fastgmmdiff::log_prob_target_triton_backward", mutates_args=())
 def log_prob_target_triton_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor, target: Tensor,
                                     logp: Tensor, covariance_type: str) -> tuple[Tensor, Tensor, Tensor]:
-    if covariance_type == "full":
-        return _torch_ops.log_prob_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type)
     return log_prob_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type)
 
 

@@ -54,11 +54,11 @@ def backend(request):
     from fastgmmdiff import _dispatch
 
     reason = _dispatch.unavailable_reason(request.param)
-    if reason is None and request.param == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        if request.node.get_closest_marker("interpreter_heavy") is not None:
+    if reason is None and request.param == "triton":
+        if not _dispatch._triton_interpreted():
+            reason = "it runs CPU tensors only under TRITON_INTERPRET=1"
+        elif request.node.get_closest_marker("interpreter_heavy") is not None:
             reason = "too slow under Triton's CPU interpreter (tests/test_triton.py covers it at small sizes)"
-    elif reason is None and request.param == "triton":
-        reason = "it runs CPU tensors only under TRITON_INTERPRET=1"
     if reason is not None:
         pytest.skip(f"backend {request.param!r} unavailable: {reason}")
     return request.param

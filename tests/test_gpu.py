@@ -1,28 +1,49 @@
-"""CUDA tests (run by bench/gpu_check.sh on a GPU machine; skipped at run time elsewhere):
-the "cuda", "triton" and "torch" backends on CUDA tensors against the float64 reference, dead rows,
-targets, determinism of the one-block backward, CUDA-graph capture and torch.compile."""
+"""GPU tests (run by bench/gpu_check.sh on a GPU machine): the "cuda", "triton" and "torch"
+backends on CUDA tensors against the float64 reference, dead rows, targets, determinism of the
+one-block backward, CUDA-graph capture and torch.compile.
+
+Without a GPU the cases that do not need one still run, on CPU tensors at the same sizes:
+"triton" under Triton's CPU interpreter (TRITON_INTERPRET=1, tests/conftest.py) and "torch";
+"cuda" is skipped here (its kernels run emulated in tests/test_cuda_emulation.py), and so are
+CUDA graphs and the CUDA-only checks."""
 
 import pytest
 import torch
 
 import fastgmmdiff as fg
+from fastgmmdiff import _dispatch
 from fastgmmdiff.testing import check_against_reference, check_dead_rows, random_problem
 
 COVS = ["diag", "spherical", "full"]
 ARGS = ("x", "means", "prec_chol", "logits")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# numpy's warnings from inside Triton's CPU interpreter (inf arithmetic of the dead-row cases)
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
 @pytest.fixture(params=["cuda", "triton", "torch"])
 def gpu_backend(request):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     if request.param not in fg.available_backends():
         pytest.skip(f"backend {request.param!r} unavailable")
+    if DEV == "cpu":
+        if request.param == "cuda":
+            pytest.skip("no CUDA device (tests/test_cuda_emulation.py runs these kernels emulated)")
+        if request.param == "triton" and not _dispatch._triton_interpreted():
+            pytest.skip("no CUDA device and not under TRITON_INTERPRET=1")
+        if request.param == "triton" and request.node.get_closest_marker("interpreter_heavy") is not None:
+            pytest.skip("too slow under Triton's CPU interpreter (tests/test_triton.py covers the same paths "
+                        "at small sizes)")
     return request.param
 
 
+def _need_gpu():
+    if DEV != "cuda":
+        pytest.skip("needs a CUDA device")
+
+
 def _problem(cov, G, N, K, D, seed, x_batched=True):
-    p = random_problem(cov, G, N=N, K=K, D=D, seed=seed, device="cuda", x_batched=x_batched,
+    p = random_problem(cov, G, N=N, K=K, D=D, seed=seed, device=DEV, x_batched=x_batched,
                        requires_grad=True)
     if cov == "full":
         p["prec_chol"] = p["prec_chol"].detach().triu().requires_grad_()
@@ -35,17 +56,18 @@ def _check(p, cov, backend, op="log_prob", target=None):
 
 @pytest.mark.parametrize("cov", COVS)
 @pytest.mark.parametrize("G,N,K,D,xb", [(None, 300, 7, 5, True), (3, 37, 4, 6, True), (3, 37, 4, 6, False),
-                                        (None, 1, 1, 1, True), (None, 5, 2, 59, True), (2000, 1, 8, 2, True),
-                                        (None, 2049, 33, 17, True)])
+                                        (None, 1, 1, 1, True), (None, 5, 2, 59, True),
+                                        pytest.param(2000, 1, 8, 2, True, marks=pytest.mark.interpreter_heavy),
+                                        pytest.param(None, 2049, 33, 17, True, marks=pytest.mark.interpreter_heavy)])
 def test_log_prob_matches_reference(cov, G, N, K, D, xb, gpu_backend):
     _check(_problem(cov, G, N, K, D, seed=N + K, x_batched=xb), cov, gpu_backend)
 
 
 @pytest.mark.parametrize("cov", COVS)
-@pytest.mark.parametrize("use_target", [False, True])
+@pytest.mark.parametrize("use_target", [pytest.param(False, marks=pytest.mark.interpreter_heavy), True])
 def test_ngmg_matches_reference(cov, use_target, gpu_backend):
     p = _problem(cov, 40, 256, 2, 4, seed=3)
-    t = torch.randint(0, 2, (40, 256), device="cuda") if use_target else None
+    t = torch.randint(0, 2, (40, 256), device=DEV) if use_target else None
     _check(p, cov, gpu_backend, op="ngmg", target=t)
 
 
@@ -73,6 +95,7 @@ def test_one_block_backward_is_deterministic():
 
 
 def test_cuda_graph_capture_of_forward_and_backward(gpu_backend):
+    _need_gpu()
     p = _problem("diag", None, 256, 8, 40, seed=4)
     args = [p[k] for k in ARGS]
 
@@ -96,6 +119,7 @@ def test_cuda_graph_capture_of_forward_and_backward(gpu_backend):
 
 
 def test_torch_compile(gpu_backend):
+    _need_gpu()  # on CPU tensors: tests/test_backends.py (opcheck, every backend)
     torch._dynamo.reset()
     p = _problem("full", None, 64, 4, 3, seed=5)
     args = [p[k] for k in ARGS]

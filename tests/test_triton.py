@@ -13,8 +13,8 @@ import torch
 
 import fastgmmdiff as fg
 from fastgmmdiff import _dispatch, reference
-from fastgmmdiff.testing import (assert_close_per_element, check_against_reference, check_dead_rows, far_rows_problem,
-                                 random_problem)
+from fastgmmdiff.testing import (assert_close_per_element, bars, check_against_reference, check_dead_rows,
+                                 far_rows_problem, random_problem)
 
 COVS = ["diag", "spherical", "full"]
 # numpy's warnings from inside the interpreter (inf arithmetic of the dead-row cases)
@@ -87,6 +87,43 @@ def test_ngmg_target_gathers_odd_sizes(cov, x_batched, seed):
     target = torch.randint(0, 7, (3, 70), device=_device())  # components 7, 8 get no point
     _check(p, cov, op="ngmg", target=target)
     _check(p, cov, op="ngmg", target=target, normalize=False)
+
+
+@pytest.mark.parametrize("D", [6, 40])
+@pytest.mark.parametrize("x_batched", [True, False])
+def test_full_target_walks_each_components_points(D, x_batched, seed):
+    """Full covariance with target (kernels/gmm.py: one program per component over its points,
+    sorted by target): D = 6 in one block, D = 40 in 32×32 blocks (∂x, Σ w y and Σ w z yᵀ
+    accumulated in place), components 7 and 8 with no point, shared x."""
+    p = random_problem("full", 3, N=45, K=9, D=D, seed=seed, device=_device(), x_batched=x_batched,
+                       requires_grad=True)
+    target = torch.randint(0, 7, (3, 45), device=_device())
+    _check(p, "full", op="ngmg", target=target)
+    _check(p, "full", op="ngmg", target=target, normalize=False)
+
+
+@pytest.mark.parametrize("D", [4, 40])
+def test_full_target_dead_rows(D, seed):
+    """A point with an infinite coordinate: log N = −inf, loss 0, zero ∂x, and nothing of it in
+    the parameter gradients: they equal those of the same problem without that point."""
+    p = random_problem("full", None, N=20, K=3, D=D, seed=seed, device=_device())
+    t = torch.randint(0, 3, (20,), device=_device())
+    p["x"][5, 2] = float("inf")
+    args = [p[k].detach().clone().requires_grad_() for k in ARGS]
+    loss = fg.ngmg_loss(*args, "full", target=t, reduction="none", normalize=False, backend="triton")
+    assert loss[5] == 0 and torch.isfinite(loss).all()
+    up = torch.randn(20, device=_device())
+    g = torch.autograd.grad(loss, args[:3], up)
+    assert (g[0][5] == 0).all() and all(torch.isfinite(t_).all() for t_ in g)
+    keep = [n for n in range(20) if n != 5]
+    a64 = [args[0].detach()[keep].double().requires_grad_()] + [a.detach().double().requires_grad_() for a in args[1:3]]
+    ref = reference.ngmg_loss(*a64, args[3].detach().double(), "full", target=t[keep], reduction="none",
+                              normalize=False)
+    bar = bars(torch.float32)
+    assert_close_per_element(loss[keep].cpu(), ref, bar.value, "loss")
+    rg = torch.autograd.grad(ref, a64, up[keep].double())
+    for name, ours, theirs in zip(("x", "means", "prec_chol"), (g[0][keep], g[1], g[2]), rg):
+        assert_close_per_element(ours.cpu(), theirs, bar.grad, f"d/d{name}")
 
 
 def test_target_backward_is_deterministic(seed):
