@@ -23,12 +23,16 @@ FASTGMMDIFF_HD T half_d_log_2pi(int64_t D) {
   return T(0.5 * kLog2Pi) * T(D);
 }
 
-// The precision-Cholesky gradient step (SPEC §1), from W = Σ_n w_nk and S:
-//   diag (per d):  W/s − s·S,     S = Σ_n w z²_d    (n_w = W)
-//   spherical:     D·W/s − s·S,   S = Σ_n w ‖z‖²    (n_w = D·W)
+// The precision-Cholesky gradient step (SPEC §1), from W = Σ_n w_nk and Sy, the weighted sum
+// of squares of the *scaled* distance y = s·z (so that a far point whose log-density is
+// representable never overflows it: z² can overflow where (s z)² ~ 2|log p| does not):
+//   diag (per d):  W/s − s Σ w z²_d  = W/s − Sy/s,      Sy = Σ_n w (s z_d)²   (n = 1)
+//   spherical:     D·W/s − s Σ w ‖z‖² = D·(W/s) − Sy/s,  Sy = Σ_n w ‖s z‖²    (n = D)
+// W/s before the factor D: NGMG without normalisation weights points by p, and D·W overflows
+// where the gradient does not (D = 17, s = 400: W = −3.3e37, ∂s = −1.4e36).
 template <typename T>
-FASTGMMDIFF_HD T prec_grad_scale(T n_w, T s, T S) {
-  return n_w / s - s * S;
+FASTGMMDIFF_HD T prec_grad_scale(T n, T W, T s, T Sy) {
+  return n * (W / s) - Sy / s;
 }
 
 //   full, entry (d, e):  triu(diag(W / U_dd) − S)[d, e],  S = Σ_n w z yᵀ, y = Uᵀz.

@@ -50,11 +50,14 @@ def ngmg_log_normalizer(prec: Tensor, logits: Tensor, cov: str, D: int) -> Tenso
 
 
 def finish_prec_grad(prec: Tensor, W: Tensor, S: Tensor, cov: str, D: int) -> Tensor:
-    """The prec_chol gradient from W = Σ_n w_nk and S = Σ_n w_nk (z² | ‖z‖² | z yᵀ) (SPEC §1):
-    diag W/s − s S, spherical D W/s − s S, full triu(diag(W / U_dd) − S)."""
+    """The prec_chol gradient from W = Σ_n w_nk and S (SPEC §1).  diag and spherical take the
+    sums of the *scaled* distance y = s z — S = Σ_n w_nk y² (diag, per d) or Σ_n w_nk ‖y‖²
+    (spherical) — and return W/s − S/s or D (W/s) − S/s (= W/s − s Σ w z²: z² overflows for far
+    points whose log p is representable, (s z)² ~ 2|log p| does not; and D·W can overflow where
+    the gradient does not, csrc/gmm_math.h).  full: S = Σ_n w z yᵀ, triu(diag(W / U_dd) − S)."""
     if cov == "diag":
-        return W[..., None] / prec - prec * S
+        return W[..., None] / prec - S / prec
     if cov == "spherical":
-        return D * W / prec - prec * S
+        return D * (W / prec) - S / prec
     diag = torch.diagonal(prec, dim1=-2, dim2=-1)
     return (torch.diag_embed(W[..., None] / diag) - S).triu()

@@ -45,9 +45,17 @@ def _quad(z: Tensor, prec: Tensor, cov: str):
         y = z * prec[:, None]
         return y, (y * y).sum(-1)
     if cov == "spherical":
-        return None, (z * z).sum(-1) * (prec * prec)[:, None]
+        y = z * prec[:, None, :, None]  # scaled before the square: z² overflows first
+        return y, (y * y).sum(-1)
     y = torch.einsum("gckd,gkde->gcke", z, prec)
-    return y, (y * y).sum(-1)
+    return y, _far_is_inf((y * y).sum(-1), z)
+
+
+def _far_is_inf(q: Tensor, z: Tensor) -> Tensor:
+    """Full covariance: q = ‖Uᵀz‖² is NaN where Uᵀz met an infinite coordinate (inf · 0) or
+    overflowed (inf − inf); that point is infinitely far (q = +inf: ℓ = −inf, a dead row where
+    every component is so).  A NaN coordinate stays NaN."""
+    return torch.where(q.isnan() & ~z.isnan().any(-1), float("inf"), q)
 
 
 def _prepare(x, means, prec, logits, cov):
@@ -102,7 +110,7 @@ def log_prob_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, logits: T
 
     gx = torch.empty(Gx, N, D, dtype=x.dtype, device=x.device)
     gmu = torch.zeros_like(means)
-    S = torch.zeros_like(prec)  # Σ w z² | Σ w ‖z‖² | Σ w z yᵀ
+    S = torch.zeros_like(prec)  # Σ w y² | Σ w ‖y‖² (y = s z) | Σ w z yᵀ
     W = torch.zeros(G, K, dtype=x.dtype, device=x.device)  # Σ_n w_nk
     C = _chunk(G, K, D)
     for n0 in range(0, N, C):
@@ -124,7 +132,9 @@ def log_prob_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, logits: T
         else:
             s2 = (prec * prec)[:, None]
             wlz = wz * (s2 if cov == "diag" else s2[..., None])
-            S += (wz * zm).sum(1) if cov == "diag" else (wz * zm).sum((1, 3))
+            ym = torch.where(live, y, 0.0)
+            wyy = w[..., None] * ym * ym
+            S += wyy.sum(1) if cov == "diag" else wyy.sum((1, 3))
         gxc = -wlz.sum(2)
         gx[:, n0:n1] = gxc.sum(0, keepdim=True) if Gx == 1 and G > 1 else gxc
         gmu += wlz.sum(1)
@@ -158,9 +168,9 @@ def log_prob_target_fwd(x: Tensor, means: Tensor, prec: Tensor, target: Tensor, 
     if cov == "diag":
         q = ((z * pt) ** 2).sum(-1)
     elif cov == "spherical":
-        q = (z * z).sum(-1) * pt * pt
+        q = ((z * pt[..., None]) ** 2).sum(-1)
     else:
-        q = (torch.einsum("gnd,gnde->gne", z, pt) ** 2).sum(-1)
+        q = _far_is_inf((torch.einsum("gnd,gnde->gne", z, pt) ** 2).sum(-1), z)
     return c - 0.5 * q
 
 
@@ -183,8 +193,9 @@ def log_prob_target_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, ta
         zy = w[..., None, None] * z[..., :, None] * y[..., None, :]
     else:
         s2 = pt * pt if cov == "diag" else (pt * pt)[..., None]
-        lz = w[..., None] * s2 * z
-        zy = w[..., None] * z * z if cov == "diag" else w * (z * z).sum(-1)
+        lz = (w[..., None] * z) * s2  # w s² first can overflow and meet z = 0
+        y = z * (pt if cov == "diag" else pt[..., None])  # S takes y = s z (_math.finish_prec_grad)
+        zy = w[..., None] * y * y if cov == "diag" else w * (y * y).sum(-1)
     idx = target[..., None].expand_as(lz)
     gmu = torch.zeros_like(means).scatter_add_(1, idx, lz)
     sidx = target.reshape(*target.shape, *([1] * (zy.dim() - 2))).expand_as(zy)

@@ -88,15 +88,25 @@ def component_log_prob(x, means, prec_chol, logits, covariance_type="diag", form
     return const.unsqueeze(-2) - 0.5 * sq
 
 
+def logsumexp(l, dim=-1):
+    """m + log Σ exp(ℓ − m), m the (detached) maximum: its autograd gradient is the softmax of ℓ
+    itself.  ``torch.logsumexp``'s backward is exp(ℓ − result), which takes the result's rounding:
+    far out (|log p| ~ 1e17 in float64) that is larger than log K, and K tied components would
+    each get r = 1 instead of 1/K — a wrong oracle, K× too steep."""
+    m = l.detach().amax(dim, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    return (m + torch.log(torch.exp(l - m).sum(dim, keepdim=True))).squeeze(dim)
+
+
 def gmm_log_prob(x, means, prec_chol, logits, covariance_type="diag", form="broadcast"):
     """log p(x_n) = logsumexp_k ℓ_nk, shape [N] or [G, N] (SPEC §1)."""
-    return torch.logsumexp(component_log_prob(x, means, prec_chol, logits, covariance_type, form), -1)
+    return logsumexp(component_log_prob(x, means, prec_chol, logits, covariance_type, form), -1)
 
 
 def ngmg_log_normalizer(prec_chol, logits, covariance_type, D):
     """c = logsumexp_k(log π_k + log|U_k|) − D/2 log 2π per mixture (not detached here)."""
     a = torch.log_softmax(logits, -1) + log_det(prec_chol, covariance_type, D)
-    return torch.logsumexp(a, -1) - 0.5 * D * LOG_2PI
+    return logsumexp(a, -1) - 0.5 * D * LOG_2PI
 
 
 def ngmg_loss(z, means, prec_chol, logits, covariance_type="diag", *, target=None,

@@ -149,14 +149,12 @@ def _q_tile(x_row, mu_ptr, s_ptr, offs_n, mask_n, offs_k, mask_k, D, sxn, smk, s
         s = tl.load(s_ptr + offs_k * ssk, mask=mask_k, other=0.0).to(ACC)
     for d0 in range(0, D, BLOCK_D):
         z, mkd, kd = _z_chunk(x_row, mu_ptr, offs_n, mask_n, offs_k, mask_k, d0, D, sxn, smk, BLOCK_D, ACC)
+        # scaled before the square (z² overflows for far points whose ℓ is representable)
         if SPHERICAL:
-            q += tl.sum(z * z, axis=2)
+            y = z * s[None, :, None]
         else:
-            sd = tl.load(s_ptr + kd, mask=mkd, other=0.0).to(ACC)
-            y = z * sd[None, :, :]
-            q += tl.sum(y * y, axis=2)
-    if SPHERICAL:
-        q = q * (s * s)[None, :]
+            y = z * tl.load(s_ptr + kd, mask=mkd, other=0.0).to(ACC)[None, :, :]
+        q += tl.sum(y * y, axis=2)
     return q
 
 
@@ -252,11 +250,13 @@ def _bwd_x_diag_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, dx_pt
                     sxn, smk, ssk, SPHERICAL, BLOCK_N, BLOCK_K, BLOCK_D, ACC)
         if SPHERICAL:
             s = tl.load(s_g + offs_k * ssk, mask=mask_k, other=0.0).to(ACC)
-            w = w * (s * s)[None, :]
         for d0 in range(0, D, BLOCK_D):
             z, mkd, kd = _z_chunk(x_row, mu_g, offs_n, mask_n, offs_k, mask_k, d0, D, sxn, smk, BLOCK_D, ACC)
+            # (w z) s²: w s² first can overflow (NGMG unnormalised weights by p) and meet z = 0
             t = w[:, :, None] * tl.where((w != 0)[:, :, None], z, 0.0)  # r = 0 never meets z = inf
-            if not SPHERICAL:
+            if SPHERICAL:
+                t = t * (s * s)[None, :, None]
+            else:
                 sd = tl.load(s_g + kd, mask=mkd, other=0.0).to(ACC)
                 t = t * (sd * sd)[None, :, :]
             part = -tl.sum(t, axis=1)
@@ -278,8 +278,8 @@ def _bwd_param_diag_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, p
                            SPHERICAL: tl.constexpr, ONE_D: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """Partial sums over one split of the points, for a tile of components of mixture g:
-    pw = Σ w [S, G, K], pz = Σ w z [S, G, K, D], pzz = Σ w z² [S, G, K, D] (spherical: Σ w ‖z‖²
-    [S, G, K]).  Contiguous, zero-initialised buffers (several D chunks accumulate in place)."""
+    pw = Σ w [S, G, K], pz = Σ w z [S, G, K, D], pzz = Σ w y² [S, G, K, D] with y = s z (spherical:
+    Σ w ‖y‖² [S, G, K]; _math.finish_prec_grad).  Contiguous, zero-initialised buffers (several D chunks accumulate in place)."""
     pid_k = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
     g = tl.program_id(2).to(tl.int64)
@@ -292,6 +292,8 @@ def _bwd_param_diag_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, p
     n_lo = split * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
     row = (split * G + g) * K + offs_k            # [BLOCK_K] rows of the partial buffers
+    if SPHERICAL:
+        s_k = tl.load(s_g + offs_k * ssk, mask=mask_k, other=0.0).to(ACC)
     wsum = tl.zeros((BLOCK_K,), ACC)
     zz_sph = tl.zeros((BLOCK_K,), ACC)
     acc_z = tl.zeros((BLOCK_K, BLOCK_D), ACC)
@@ -308,7 +310,11 @@ def _bwd_param_diag_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, p
             z = tl.where((w != 0)[:, :, None], z, 0.0)
             wz = w[:, :, None] * z
             pz = tl.sum(wz, axis=0)
-            pzz = tl.sum(wz * z, axis=0)
+            if SPHERICAL:
+                y = z * s_k[None, :, None]
+            else:
+                y = z * tl.load(s_g + kd, mask=mkd, other=0.0).to(ACC)[None, :, :]
+            pzz = tl.sum(w[:, :, None] * y * y, axis=0)
             if SPHERICAL:
                 zz_sph += tl.sum(pzz, axis=1)
             if ONE_D:
@@ -363,27 +369,43 @@ def _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N: tl.cons
 
 
 @triton.jit
-def _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N: tl.constexpr,
-            BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """q = ‖y‖² over the column chunks of y; +inf for a point with an infinite coordinate
-    (inf · 0 in z U would be NaN)."""
-    q = tl.zeros((BLOCK_N,), ACC)
-    for e0 in range(0, D, BLOCK_C):
-        y = _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
-        q += tl.sum(y * y, axis=1)
-    return tl.where(inf_row, float("inf"), q)
+def _full_q(x_row, mu_k, u_k, offs_n, mask_n, flags, D, sxn, BLOCK_N: tl.constexpr,
+            BLOCK_C: tl.constexpr, ACC: tl.constexpr, ONE_C: tl.constexpr = False):
+    """q = ‖y‖² (ONE_C: one product; else over the column chunks of y), made +inf where it is
+    NaN for a far point (``_far``; ``flags`` from ``_row_flags``)."""
+    if ONE_C:
+        z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, 0, 0, D, sxn, BLOCK_C, ACC)
+        y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
+        q = tl.sum(y * y, axis=1)
+    else:
+        q = tl.zeros((BLOCK_N,), ACC)
+        for e0 in range(0, D, BLOCK_C):
+            y = _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
+            q += tl.sum(y * y, axis=1)
+    return _far(q, flags)
 
 
 @triton.jit
-def _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Which points of the tile have an infinite coordinate."""
+def _row_flags(x_row, offs_n, mask_n, D, sxn, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per point of the tile: 1 if a coordinate is infinite, 2 if one is NaN (or both)."""
     bad = tl.zeros((BLOCK_N,), tl.int32)
     for d0 in range(0, D, BLOCK_C):
         offs_d = d0 + tl.arange(0, BLOCK_C)
         xt = tl.load(x_row + offs_n[:, None].to(tl.int64) * sxn + offs_d[None, :],
                      mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
-        bad = tl.maximum(bad, tl.max(tl.where(tl.abs(xt.to(tl.float32)) == float("inf"), 1, 0), axis=1))
-    return bad > 0
+        inf_x = tl.max(tl.where(tl.abs(xt) == float("inf"), 1, 0), axis=1)
+        nan_x = tl.max(tl.where(xt != xt, 2, 0), axis=1)
+        bad = bad | inf_x | nan_x
+    return bad
+
+
+@triton.jit
+def _far(q, flags):
+    """Full covariance: q = +inf (infinitely far: ℓ = −inf, a dead row where every component is
+    so) for a point with an infinite coordinate, or whose q is NaN from inf · 0 or inf − inf in
+    Uᵀz (a distance that overflowed); a point with a NaN coordinate keeps its NaN."""
+    nan_x = (flags & 2) != 0
+    return tl.where(~nan_x & (((flags & 1) != 0) | (q != q)), float("inf"), q)
 
 
 @triton.jit
@@ -404,18 +426,13 @@ def _fwd_full_kernel(x_ptr, mu_ptr, u_ptr, a_ptr, out_ptr, lp_ptr, N, K, D,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_row = x_ptr + g * sxg
-    inf_row = _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
+    flags = _row_flags(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
     m = tl.full((BLOCK_N,), float("-inf"), ACC)
     l = tl.zeros((BLOCK_N,), ACC)
     for k in range(0, K):
         mu_k = mu_ptr + g * smg + k * smk
         u_k = u_ptr + g * sug + k * suk
-        if ONE_C:
-            z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, 0, 0, D, sxn, BLOCK_C, ACC)
-            y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
-            q = tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1))
-        else:
-            q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
+        q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, flags, D, sxn, BLOCK_N, BLOCK_C, ACC, ONE_C)
         a = tl.load(a_ptr + g * sag + k).to(ACC)
         m, l = _online_lse(m, l, (a - 0.5 * q)[:, None])
     if RESID:
@@ -440,7 +457,7 @@ def _bwd_x_full_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_pt
     x_row = x_ptr + g * sxg
     dx_row = dx_ptr + g * sdg + offs_n[:, None].to(tl.int64) * sdn
     gw, lp, dl = _row_weights_delta(g_ptr + g * sog, lp_ptr + g * sog, dl_ptr + g * sog, offs_n, mask_n, ACC)
-    inf_row = _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
+    flags = _row_flags(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
     acc = tl.zeros((BLOCK_N, BLOCK_C), ACC)
     for k in range(0, K):
         mu_k = mu_ptr + g * smg + k * smk
@@ -449,12 +466,12 @@ def _bwd_x_full_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_pt
         if ONE_C:
             z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, 0, 0, D, sxn, BLOCK_C, ACC)
             y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
-            q = tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1))
+            q = _far(tl.sum(y * y, axis=1), flags)
             w = _full_w(gw, lp, dl, a, q)
             wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
             acc -= tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC)
         else:
-            q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
+            q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, flags, D, sxn, BLOCK_N, BLOCK_C, ACC)
             w = _full_w(gw, lp, dl, a, q)
             for e0 in range(0, D, BLOCK_C):
                 y = _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
@@ -469,6 +486,54 @@ def _bwd_x_full_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, dx_pt
     if ONE_C:
         offs_d = tl.arange(0, BLOCK_C)
         tl.store(dx_row + offs_d[None, :], acc, mask=mask_n[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _full_acc_one(z, y, w, acc_y, acc_zy, ACC: tl.constexpr):
+    """One block (ONE_C): w y (0 where w = 0, never meeting an infinite z or y) and the running
+    sums Σ w y, Σ z (w y)ᵀ of a tile of points."""
+    wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
+    zm = tl.where((w != 0)[:, None], z, 0.0)
+    return wy, acc_y + tl.sum(wy, axis=0), acc_zy + tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
+
+
+@triton.jit
+def _full_acc_chunk(x_row, mu_k, u_k, offs_n, mask_n, w, e0, D, sxn, py_row, pzy_row, dx_row,
+                    DX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """Past one block: column chunk e0 of y for a tile of points; adds Σ w y into py[e0 : e0+C]
+    and Σ z (w y)ᵀ into the blocks pzy[d0 :, e0 :] (d0 ≤ e0) in place, and with DX −(w y) U[d0, e0]ᵀ
+    into the tile's rows of ∂x (dx_row: [BLOCK_N, 1] row pointers), in place."""
+    y = _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
+    wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
+    offs_e = e0 + tl.arange(0, BLOCK_C)
+    mask_e = offs_e < D
+    tl.store(py_row + offs_e, tl.load(py_row + offs_e, mask=mask_e, other=0.0) + tl.sum(wy, axis=0), mask=mask_e)
+    for d0 in range(0, e0 + BLOCK_C, BLOCK_C):
+        z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, d0, e0, D, sxn, BLOCK_C, ACC)
+        zm = tl.where((w != 0)[:, None], z, 0.0)
+        offs_d = d0 + tl.arange(0, BLOCK_C)
+        mask_d = offs_d < D
+        ptrs = pzy_row + offs_d[:, None] * D + offs_e[None, :]
+        msk = mask_d[:, None] & mask_e[None, :]
+        part = tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
+        tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+        if DX:
+            xp = dx_row + offs_d[None, :]
+            xm = mask_n[:, None] & mask_d[None, :]
+            part = tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC)
+            tl.store(xp, tl.load(xp, mask=xm, other=0.0) - part, mask=xm)
+
+
+@triton.jit
+def _full_acc_store(pw_ptr, row, wsum, py_row, pzy_row, acc_y, acc_zy, D, ONE_C: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """Σ w into pw[row]; with ONE_C the register sums Σ w y and Σ z (w y)ᵀ into py and pzy."""
+    tl.store(pw_ptr + row, tl.sum(wsum, axis=0))
+    if ONE_C:
+        offs_d = tl.arange(0, BLOCK_C)
+        mask_d = offs_d < D
+        tl.store(py_row + offs_d, acc_y, mask=mask_d)
+        tl.store(pzy_row + offs_d[:, None] * D + offs_d[None, :], acc_zy, mask=mask_d[:, None] & mask_d[None, :])
 
 
 @_kernel
@@ -500,41 +565,21 @@ def _bwd_param_full_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, u_ptr, a_ptr, p
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_hi
         gw, lp, dl = _row_weights_delta(g_ptr + g * sog, lp_ptr + g * sog, dl_ptr + g * sog, offs_n, mask_n, ACC)
-        inf_row = _inf_rows(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
+        flags = _row_flags(x_row, offs_n, mask_n, D, sxn, BLOCK_N, BLOCK_C)
         if ONE_C:
             z, u = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, 0, 0, D, sxn, BLOCK_C, ACC)
             y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
-            w = _full_w(gw, lp, dl, a, tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1)))
+            w = _full_w(gw, lp, dl, a, _far(tl.sum(y * y, axis=1), flags))
             wsum += w
-            wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
-            zm = tl.where((w != 0)[:, None], z, 0.0)
-            acc_y += tl.sum(wy, axis=0)
-            acc_zy += tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
+            _, acc_y, acc_zy = _full_acc_one(z, y, w, acc_y, acc_zy, ACC)
         else:
-            q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
+            q = _full_q(x_row, mu_k, u_k, offs_n, mask_n, flags, D, sxn, BLOCK_N, BLOCK_C, ACC)
             w = _full_w(gw, lp, dl, a, q)
             wsum += w
             for e0 in range(0, D, BLOCK_C):
-                y = _full_y_chunk(x_row, mu_k, u_k, offs_n, mask_n, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
-                wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
-                offs_e = e0 + tl.arange(0, BLOCK_C)
-                mask_e = offs_e < D
-                tl.store(py_row + offs_e, tl.load(py_row + offs_e, mask=mask_e, other=0.0) + tl.sum(wy, axis=0),
-                         mask=mask_e)
-                for d0 in range(0, e0 + BLOCK_C, BLOCK_C):
-                    z, _ = _full_zu(x_row, mu_k, u_k, offs_n, mask_n, d0, e0, D, sxn, BLOCK_C, ACC)
-                    zm = tl.where((w != 0)[:, None], z, 0.0)
-                    offs_d = d0 + tl.arange(0, BLOCK_C)
-                    ptrs = pzy_row + offs_d[:, None] * D + offs_e[None, :]
-                    msk = (offs_d < D)[:, None] & mask_e[None, :]
-                    part = tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
-                    tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
-    tl.store(pw_ptr + row, tl.sum(wsum, axis=0))
-    if ONE_C:
-        offs_d = tl.arange(0, BLOCK_C)
-        mask_d = offs_d < D
-        tl.store(py_row + offs_d, acc_y, mask=mask_d)
-        tl.store(pzy_row + offs_d[:, None] * D + offs_d[None, :], acc_zy, mask=mask_d[:, None] & mask_d[None, :])
+                _full_acc_chunk(x_row, mu_k, u_k, offs_n, mask_n, w, e0, D, sxn, py_row, pzy_row, py_row,
+                                False, BLOCK_N, BLOCK_C, ACC)
+    _full_acc_store(pw_ptr, row, wsum, py_row, pzy_row, acc_y, acc_zy, D, ONE_C, BLOCK_C)
 
 
 # --- kernels: one component per point (NGMG with target), full covariance ----------------------
@@ -561,13 +606,8 @@ def _fwd_target_full_kernel(x_ptr, mu_ptr, u_ptr, c_ptr, perm_ptr, off_ptr, out_
         offs = n0 + tl.arange(0, BLOCK_N)
         m = offs < hi
         rows = tl.load(perm_ptr + g * N + offs, mask=m, other=0)
-        inf_row = _inf_rows(x_row, rows, m, D, sxn, BLOCK_N, BLOCK_C)
-        if ONE_C:
-            z, u = _full_zu(x_row, mu_k, u_k, rows, m, 0, 0, D, sxn, BLOCK_C, ACC)
-            y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
-            q = tl.where(inf_row, float("inf"), tl.sum(y * y, axis=1))
-        else:
-            q = _full_q(x_row, mu_k, u_k, rows, m, inf_row, D, sxn, BLOCK_N, BLOCK_C, ACC)
+        flags = _row_flags(x_row, rows, m, D, sxn, BLOCK_N, BLOCK_C)
+        q = _full_q(x_row, mu_k, u_k, rows, m, flags, D, sxn, BLOCK_N, BLOCK_C, ACC, ONE_C)
         tl.store(out_ptr + g * sog + rows, c - 0.5 * q, mask=m)
 
 
@@ -603,40 +643,15 @@ def _bwd_target_full_kernel(g_ptr, x_ptr, mu_ptr, u_ptr, perm_ptr, off_ptr, dx_p
         if ONE_C:
             z, u = _full_zu(x_row, mu_k, u_k, rows, m, 0, 0, D, sxn, BLOCK_C, ACC)
             y = tl.dot(z, u, input_precision="ieee", out_dtype=ACC)
-            wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
-            zm = tl.where((w != 0)[:, None], z, 0.0)
-            acc_y += tl.sum(wy, axis=0)
-            acc_zy += tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
+            wy, acc_y, acc_zy = _full_acc_one(z, y, w, acc_y, acc_zy, ACC)
             offs_d = tl.arange(0, BLOCK_C)
             tl.store(dx_row + offs_d[None, :], -tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC),
                      mask=m[:, None] & (offs_d < D)[None, :])
         else:
             for e0 in range(0, D, BLOCK_C):
-                y = _full_y_chunk(x_row, mu_k, u_k, rows, m, e0, D, sxn, BLOCK_N, BLOCK_C, ACC)
-                wy = tl.where((w != 0)[:, None], w[:, None] * y, 0.0)
-                offs_e = e0 + tl.arange(0, BLOCK_C)
-                mask_e = offs_e < D
-                tl.store(py_row + offs_e, tl.load(py_row + offs_e, mask=mask_e, other=0.0) + tl.sum(wy, axis=0),
-                         mask=mask_e)
-                for d0 in range(0, e0 + BLOCK_C, BLOCK_C):
-                    z, u = _full_zu(x_row, mu_k, u_k, rows, m, d0, e0, D, sxn, BLOCK_C, ACC)
-                    zm = tl.where((w != 0)[:, None], z, 0.0)
-                    offs_d = d0 + tl.arange(0, BLOCK_C)
-                    mask_d = offs_d < D
-                    ptrs = pzy_row + offs_d[:, None] * D + offs_e[None, :]
-                    msk = mask_d[:, None] & mask_e[None, :]
-                    part = tl.dot(tl.trans(zm), wy, input_precision="ieee", out_dtype=ACC)
-                    tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
-                    xp = dx_row + offs_d[None, :]
-                    xm = m[:, None] & mask_d[None, :]
-                    part = tl.dot(wy, tl.trans(u), input_precision="ieee", out_dtype=ACC)
-                    tl.store(xp, tl.load(xp, mask=xm, other=0.0) - part, mask=xm)
-    tl.store(pw_ptr + row, tl.sum(wsum, axis=0))
-    if ONE_C:
-        offs_d = tl.arange(0, BLOCK_C)
-        mask_d = offs_d < D
-        tl.store(py_row + offs_d, acc_y, mask=mask_d)
-        tl.store(pzy_row + offs_d[:, None] * D + offs_d[None, :], acc_zy, mask=mask_d[:, None] & mask_d[None, :])
+                _full_acc_chunk(x_row, mu_k, u_k, rows, m, w, e0, D, sxn, py_row, pzy_row, dx_row,
+                                True, BLOCK_N, BLOCK_C, ACC)
+    _full_acc_store(pw_ptr, row, wsum, py_row, pzy_row, acc_y, acc_zy, D, ONE_C, BLOCK_C)
 
 
 # --- kernels: one component per point (NGMG with target), diag and spherical ------------------
@@ -685,7 +700,7 @@ def _bwd_target_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, t_ptr, lz_ptr, zz_pt
                        SPHERICAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        ACC: tl.constexpr):
     """Per point: lz = w s_t² z (= −∂x_n, and point n's share of ∂μ_t) into [G, N, D], and
-    w z² [G, N, D] (spherical: w ‖z‖² [G, N]); w = g_n, 0 for dead rows."""
+    w y² [G, N, D] with y = s_t z (spherical: w ‖y‖² [G, N]); w = g_n, 0 for dead rows."""
     pid_n = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -699,11 +714,12 @@ def _bwd_target_kernel(g_ptr, lp_ptr, x_ptr, mu_ptr, s_ptr, t_ptr, lz_ptr, zz_pt
                                       d0, D, sxn, smk, ssk, SPHERICAL, BLOCK_D, ACC)
         z = tl.where((w != 0)[:, None], z, 0.0)
         wz = w[:, None] * z
+        y = z * s
         tl.store(lz_ptr + row[:, None] * D + offs_d[None, :], wz * s * s, mask=msk)
         if SPHERICAL:
-            zz_sph += tl.sum(wz * z, axis=1)
+            zz_sph += tl.sum(w[:, None] * y * y, axis=1)
         else:
-            tl.store(zz_ptr + row[:, None] * D + offs_d[None, :], wz * z, mask=msk)
+            tl.store(zz_ptr + row[:, None] * D + offs_d[None, :], w[:, None] * y * y, mask=msk)
     if SPHERICAL:
         tl.store(zz_ptr + row, zz_sph, mask=mask_n)
 

@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from fastgmmdiff import reference
-from fastgmmdiff.testing import (LOOSEN_CAP, assert_close_per_element, bars, elementwise_error, far_rows_problem,
-                                 random_problem)
+from fastgmmdiff.testing import (FULL_FAR_KINDS, LOOSEN_CAP, assert_close_per_element, bars, check_far_point,
+                                 elementwise_error, far_point_cases, far_point_problem, far_rows_problem,
+                                 full_far_rows_problem, huge_density_problem, random_problem)
 
 ROOT = Path(__file__).resolve().parents[1]
 COVS = ["diag", "spherical", "full"]
@@ -239,6 +240,47 @@ def test_block_boundary_and_inf_logit(emu, cov, N, seed):
     lg = lg.clone()
     lg[1] = -math.inf
     check_log_prob(emu, _cpu(), cov, [x, m, p, lg], seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", range(4))
+def test_far_point_with_a_sharp_or_flat_component(emu, case, dtype):
+    """tests/test_extremes.py's far points (z² overflows, (s z)² and log p do not): the value
+    and every gradient against the closed form."""
+    name, cov, x, s, up = far_point_cases(dtype)[case]
+    p = far_point_problem(cov, x, s, dtype)
+    args = [p[k] for k in ARGS]
+    lp = emu.log_prob(*args, cov)
+    grads = emu.log_prob_backward(torch.tensor(up, dtype=dtype), *args, lp, cov)
+    check_far_point(lp, grads, cov, x, s, up, f"emulated CUDA {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("components", FULL_FAR_KINDS)
+def test_full_infinite_or_overflowing_distance_is_a_dead_row(emu, components, dtype, seed):
+    """tests/test_extremes.py's full-covariance far rows (inf · 0, inf − inf in Uᵀz): −inf and
+    zero ∂x, never NaN; the live rows alone against float64 and the CPU kernels."""
+    p, dead = full_far_rows_problem(dtype, components)
+    args = [p[k] for k in ARGS]
+    live = [n for n in range(args[0].shape[0]) if n not in dead]
+    check_log_prob(emu, _cpu(), "full", [args[0][live]] + args[1:], seed)
+    lp, grads = check_log_prob(emu, _cpu(), "full", args, seed, with_reference=False)
+    assert bool((lp[dead] == -math.inf).all()) and bool(torch.isfinite(lp[live]).all()), lp
+    assert all(bool(torch.isfinite(g).all()) for g in grads) and bool((grads[0][dead] == 0).all())
+
+
+def test_ngmg_without_normalisation_at_a_huge_density(emu):
+    """tests/test_extremes.py's p = 3.3e37 (float32): loss −p and every gradient finite and as
+    the closed form (D·Σ w overflowed in ∂s; w s² before z made ∞ · 0 in ∂x)."""
+    p, exact = huge_density_problem()
+    args = [p[k] for k in ARGS]
+    loss, saved = emu.ngmg(*args, None, "spherical", False)
+    grads = emu.ngmg_backward(torch.ones_like(loss), *args, None, loss, saved, "spherical")
+    bar = bars(torch.float32)
+    assert_close_per_element(loss.double(), exact[0], bar.value, "loss")
+    for name, g, e in zip(ARGS, grads, exact[1:] + (torch.zeros(1, dtype=torch.float64),)):
+        assert bool(torch.isfinite(g).all()), (name, g)
+        assert_close_per_element(g.double(), e, bar.grad, f"d/d{name}")
 
 
 @pytest.mark.parametrize("cov", COVS)

@@ -119,8 +119,8 @@ struct ParamSums {
 
 // The gradients of means and prec_chol from folded sums (SPEC §1), written into gmu_out and
 // gprec_out (shaped like means and prec):
-//   diag W/s − s S;  spherical D W/s − s S;  full triu(diag(W / U_dd) − S), S = Σ w z yᵀ
-// (csrc/gmm_math.h).
+//   diag W/s − S/s, S = Σ w (s z)²;  spherical D (W/s) − S/s, S = Σ w ‖s z‖²;
+//   full triu(diag(W / U_dd) − S), S = Σ w z yᵀ  (csrc/gmm_math.h).
 template <typename T>
 void finish_param_grads(const ParamSums<T>& s, const T* prec, int cov, T* gmu_out, T* gprec_out) {
   const int64_t GK = s.GK, D = s.D;
@@ -130,10 +130,10 @@ void finish_param_grads(const ParamSums<T>& s, const T* prec, int cov, T* gmu_ou
     if (cov == kDiag) {
       for (int64_t d = 0; d < D; ++d) {
         const T u = prec[i * D + d];
-        gprec_out[i * D + d] = prec_grad_scale(W[i], u, S[i * D + d]);
+        gprec_out[i * D + d] = prec_grad_scale(T(1), W[i], u, S[i * D + d]);
       }
     } else if (cov == kSpherical) {
-      gprec_out[i] = prec_grad_scale(T(D) * W[i], prec[i], S[i]);
+      gprec_out[i] = prec_grad_scale(T(D), W[i], prec[i], S[i]);
     } else {
       const T* U = prec + i * D * D;
       const T* Si = S + i * D * D;

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../ops.h"
@@ -55,10 +56,9 @@ inline T quad1(int cov, const T* __restrict xr, const T* __restrict mu, const T*
     }
   } else if (cov == kSpherical) {
     for (int64_t d = 0; d < D; ++d) {
-      const T t = xr[d] - mu[d];
+      const T t = (xr[d] - mu[d]) * pr[0];  // scaled before the square: z² overflows first
       q += t * t;
     }
-    q *= pr[0] * pr[0];
   } else {
     for (int64_t e = 0; e < D; ++e) y[e] = 0;
     for (int64_t d = 0; d < D; ++d) {
@@ -66,6 +66,12 @@ inline T quad1(int cov, const T* __restrict xr, const T* __restrict mu, const T*
       for (int64_t e = d; e < D; ++e) y[e] += pr[d * D + e] * zd;
     }
     for (int64_t e = 0; e < D; ++e) q += y[e] * y[e];
+    // NaN from inf · 0 or inf − inf in Uᵀz: infinitely far (csrc/cpu/kernels.inc quad)
+    if (q != q) {
+      bool nan_x = false;
+      for (int64_t d = 0; d < D; ++d) nan_x = nan_x || xr[d] != xr[d];
+      if (!nan_x) q = std::numeric_limits<T>::infinity();
+    }
   }
   return q;
 }
@@ -170,14 +176,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
               scalar_t zz = 0;
               for (int64_t d = 0; d < D; ++d) {
                 const scalar_t s = r.cov == kDiag ? pr[d] : pr[0];
-                const scalar_t zd = xr[d] - mu[d];
-                const scalar_t lz = w * s * s * zd;
+                const scalar_t zd = xr[d] - mu[d], yd = zd * s;
+                const scalar_t lz = (w * zd) * s * s;  // w s² first can overflow and meet z = 0
                 gxr[d] -= lz;
                 gm[gk * D + d] += lz;
                 if (r.cov == kDiag)
-                  gs[gk * D + d] += w * zd * zd;
+                  gs[gk * D + d] += w * yd * yd;  // Σ w (s z)²: csrc/gmm_math.h prec_grad_scale
                 else
-                  zz += zd * zd;
+                  zz += yd * yd;
               }
               if (r.cov == kSpherical) gs[gk] += w * zz;
             }

@@ -63,8 +63,9 @@ __device__ __forceinline__ T quad_point(const T* __restrict__ xr, const T* __res
       qa[d & 3] += t * t;
     }
   } else if (COV == kSpherical) {
+    const T s = ldg(pr);
     for (int d = 0; d < D; ++d) {
-      const T t = xr[d] - ldg(mu + d);
+      const T t = (xr[d] - ldg(mu + d)) * s;  // scaled before the square: z² overflows first
       qa[d & 3] += t * t;
     }
   } else {
@@ -73,13 +74,15 @@ __device__ __forceinline__ T quad_point(const T* __restrict__ xr, const T* __res
       for (int d = 0; d <= e; ++d) y += ldg(pr + static_cast<int64_t>(d) * D + e) * (xr[d] - ldg(mu + d));
       qa[e & 3] += y * y;
     }
+    const T q = (qa[0] + qa[1]) + (qa[2] + qa[3]);
+    if (q != q) {  // inf · 0 or inf − inf in Uᵀz: infinitely far, unless a coordinate is NaN
+      bool nan_x = false;
+      for (int d = 0; d < D; ++d) nan_x = nan_x || xr[d] != xr[d];
+      if (!nan_x) return static_cast<T>(INFINITY);
+    }
+    return q;
   }
-  const T q = (qa[0] + qa[1]) + (qa[2] + qa[3]);
-  if (COV == kSpherical) {
-    const T s = ldg(pr);
-    return q * (s * s);
-  }
-  return q;
+  return (qa[0] + qa[1]) + (qa[2] + qa[3]);
 }
 
 template <typename T>
@@ -201,7 +204,7 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
       } else {
         for (int d = 0; d < D; ++d) {
           const T s = COV == kDiag ? ldg(pr + d) : ldg(pr);
-          const T v = -w * s * s * (xr[d] - ldg(mu + d));
+          const T v = -(w * (xr[d] - ldg(mu + d))) * s * s;  // w s² first can overflow and meet z = 0
           if (shared_x) atomicAdd(gxr + d, v); else gxr[d] += v;
         }
       }
@@ -231,7 +234,7 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
         add_out(gmu + gk * D + d, m, atomic);
       }
     } else if (COV == kSpherical) {
-      // ∂s_k = D W/s − s Σ_n w ‖z‖²; ∂μ_k = s² Σ_n w z.
+      // ∂s_k = (D W − Σ_n w ‖s z‖²)/s; ∂μ_k = s² Σ_n w z.
       const T s = ldg(pr);
       for (int d = tid; d < D; d += B) {
         const T md = ldg(mu + d);
@@ -244,25 +247,24 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
         for (int i = 0; i < B; ++i) {
           T zz = 0;
           for (int d = 0; d < D; ++d) {
-            const T z = xs[i * D + d] - ldg(mu + d);
-            zz += z * z;
+            const T y = (xs[i * D + d] - ldg(mu + d)) * s;
+            zz += y * y;
           }
           szz += ws[i] * zz;
         }
-        add_out(gprec + gk, prec_grad_scale(T(D) * W, s, szz), atomic);
+        add_out(gprec + gk, prec_grad_scale(T(D), W, s, szz), atomic);
       }
     } else {
       for (int d = tid; d < D; d += B) {
-        const T md = ldg(mu + d);
+        const T md = ldg(mu + d), s = ldg(pr + d);
         T sz = 0, szz = 0;
         for (int i = 0; i < B; ++i) {
-          const T z = xs[i * D + d] - md;
+          const T z = xs[i * D + d] - md, y = z * s;
           sz += ws[i] * z;
-          szz += ws[i] * z * z;
+          szz += ws[i] * y * y;
         }
-        const T s = ldg(pr + d);
         add_out(gmu + gk * D + d, s * s * sz, atomic);
-        add_out(gprec + gk * D + d, prec_grad_scale(W, s, szz), atomic);
+        add_out(gprec + gk * D + d, prec_grad_scale(T(1), W, s, szz), atomic);
       }
     }
     if (tid == 0) add_out(glog + gk, W - ldg(pi + gk) * gsum[0], atomic);
@@ -335,16 +337,16 @@ __global__ void target_bwd_kernel(const T* __restrict__ grad, const T* __restric
     T zz = 0;
     for (int d = 0; d < D; ++d) {
       const T s = COV == kDiag ? ldg(pr + d) : ldg(pr);
-      const T z = xr[d] - ldg(mu + d);
-      const T lz = w * s * s * z;
+      const T z = xr[d] - ldg(mu + d), y = z * s;
+      const T lz = (w * z) * s * s;
       if (shared_x) atomicAdd(gxr + d, -lz); else gxr[d] = -lz;
       atomicAdd(gmu + gk * D + d, lz);
-      if (COV == kDiag) atomicAdd(gprec + gk * D + d, prec_grad_scale(w, s, w * z * z));
-      else zz += z * z;
+      if (COV == kDiag) atomicAdd(gprec + gk * D + d, prec_grad_scale(T(1), w, s, w * y * y));
+      else zz += y * y;
     }
     if (COV == kSpherical) {
       const T s = ldg(pr);
-      atomicAdd(gprec + gk, prec_grad_scale(T(D) * w, s, w * zz));
+      atomicAdd(gprec + gk, prec_grad_scale(T(D), w, s, w * zz));
     }
   }
 }

@@ -1,0 +1,85 @@
+"""Numerics at the extremes (the reproducers of the extreme-values issue), on every backend that
+runs CPU tensors (tests/conftest.py's ``backend`` fixture); tests/test_cuda_emulation.py runs
+the same cases through the emulated CUDA kernels.
+
+A far point whose log-density is representable gets that value and finite gradients: the
+distance is scaled by the precision before it is squared ((s z)² ~ 2|log p|, where z² alone
+overflows), and the precision gradient is (W − Σ w (s z)²)/s, not W/s − s Σ w z²."""
+
+import pytest
+import torch
+
+import fastgmmdiff as fg
+from fastgmmdiff.testing import (FULL_FAR_KINDS, assert_close_per_element, bars, check_against_reference,
+                                 check_dead_rows, check_far_point, extreme_problem, far_point_cases, far_point_problem,
+                                 full_far_rows_problem, huge_density_problem)
+
+ARGS = ("x", "means", "prec_chol", "logits")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", range(4))
+def test_far_point_with_a_sharp_or_flat_component(case, dtype, backend):
+    """Reproducers B (spherical: −inf where log p = −5e31) and C (diag/spherical: ∂s = −inf or
+    NaN where the exact value is ∓1e36), and their float64 counterparts at 1e155."""
+    name, cov, x, s, up = far_point_cases(dtype)[case]
+    p = far_point_problem(cov, x, s, dtype)
+    args = [p[k].requires_grad_() for k in ARGS]
+    lp = fg.gmm_log_prob(*args, cov, backend=backend)
+    grads = torch.autograd.grad(lp, args, torch.tensor(up, dtype=dtype))
+    check_far_point(lp, grads, cov, x, s, up, f"{backend} {name}")
+
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("components", FULL_FAR_KINDS)
+def test_full_covariance_infinite_or_overflowing_distance_is_a_dead_row(components, dtype, backend):
+    """−inf and zero ∂x for those rows, never NaN; live rows and every parameter gradient as
+    float64 on the live rows alone (testing.check_dead_rows)."""
+    p, dead = full_far_rows_problem(dtype, components)
+    check_dead_rows(p, "full", backend, dead=dead)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("components", FULL_FAR_KINDS)
+def test_ngmg_of_a_dead_row_is_exactly_zero(components, dtype, normalize, backend):
+    """NGMG's loss of a row at infinite distance is −p̃ = 0 exactly (it was −1.2e-38 in float32
+    and NaN in float64 on the cpu backend), with zero ∂x and finite parameter gradients."""
+    p, _ = full_far_rows_problem(dtype, components)
+    args = [p[k].requires_grad_() for k in ARGS]
+    loss = fg.ngmg_loss(*args, "full", normalize=normalize, reduction="none", backend=backend)
+    assert loss[0] == 0 and loss[2] == 0 and bool(torch.isfinite(loss).all()), loss
+    grads = torch.autograd.grad(loss.sum(), args)
+    assert all(bool(torch.isfinite(g).all()) for g in grads), grads
+    assert bool((grads[0][[0, 2]] == 0).all())
+
+
+def test_ngmg_without_normalisation_at_a_huge_density(backend):
+    """Reproducer D (the representable half): p = 3.3e37 in float32 — loss −p is finite, and so
+    is ∂/∂s = −p D/s = −1.4e36, where D·Σ w overflowed to −inf."""
+    p, (e_loss, e_gx, e_gmu, e_gs) = huge_density_problem()
+    args = [p[k].requires_grad_() for k in ARGS]
+    loss = fg.ngmg_loss(*args, "spherical", normalize=False, reduction="none", backend=backend)
+    grads = torch.autograd.grad(loss.sum(), args)
+    bar = bars(torch.float32)
+    assert_close_per_element(loss.double(), e_loss, bar.value, f"{backend} loss")
+    for name, g, e in zip(ARGS, grads, (e_gx, e_gmu, e_gs, torch.zeros(1, dtype=torch.float64))):
+        assert bool(torch.isfinite(g).all()), f"{backend} d/d{name}: {g}"
+        assert_close_per_element(g.double(), e, bar.grad, f"{backend} d/d{name}")
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
+@pytest.mark.parametrize("D", [1, 3, 17, 129])
+def test_random_extremes_against_float64(cov, D, seed, backend):
+    """testing.extreme_problem (far points 1e3–1e20, precisions 1e-4–1e4, tied components; a
+    fresh problem each run): log p and every gradient against float64 within the bars.  (Its
+    first run showed the float64 oracle itself wrong far out: torch.logsumexp's backward took
+    the rounding of log p, K× too steep for K tied components; reference.logsumexp fixed it.
+    NGMG values are not held here yet: with |c| in the hundreds (D = 129) they miss the 1e-5
+    bar by up to 3.4×, the extreme-values issue's item V.)"""
+    if backend == "triton" and D == 129:
+        pytest.skip("too slow under Triton's CPU interpreter (D = 17 covers its chunked paths)")
+    p = extreme_problem(cov, N=12, K=4, D=D, seed=seed)
+    check_against_reference({k: v.requires_grad_() for k, v in p.items()}, cov, backend)
