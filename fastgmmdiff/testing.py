@@ -453,7 +453,9 @@ def extreme_problem(covariance_type: str, N: int, K: int, D: int, *, seed: int =
     dist = 10.0 ** (3 + 17 * torch.rand(N, 1, **f64))
     near = torch.rand(N, 1, generator=g) < 0.5
     dist = torch.where(near, 3.0 * torch.rand(N, 1, **f64) / scale[j][:, None], dist)
-    dist = torch.minimum(dist, torch.full_like(dist, y_max / (3.0 * scale.max().item())))
+    # pulled in to a random fraction of the limit (one common limit would put points of D = 1 at
+    # exactly ±the same distance: sums over them cancel by construction)
+    dist = torch.minimum(dist, (0.2 + 0.8 * torch.rand(N, 1, **f64)) * y_max / (3.0 * scale.max().item()))
     x = means[j] + dist * u
     out = dict(x=x, means=means, prec_chol=prec, logits=logits)
     return {k: v.to(dtype) for k, v in out.items()}
