@@ -6,13 +6,15 @@ A far point whose log-density is representable gets that value and finite gradie
 distance is scaled by the precision before it is squared ((s z)² ~ 2|log p|, where z² alone
 overflows), and the precision gradient is (W − Σ w (s z)²)/s, not W/s − s Σ w z²."""
 
+import functools
+
 import pytest
 import torch
 
 import fastgmmdiff as fg
 from fastgmmdiff.testing import (FULL_FAR_KINDS, assert_close_per_element, bars, check_against_reference,
                                  check_dead_rows, check_far_point, extreme_problem, far_point_cases, far_point_problem,
-                                 full_far_rows_problem, huge_density_problem)
+                                 full_far_rows_problem, huge_density_problem, random_problem)
 
 ARGS = ("x", "means", "prec_chol", "logits")
 
@@ -87,3 +89,24 @@ def test_random_extremes_against_float64(cov, D, seed, backend):
         pytest.skip("too slow under Triton's CPU interpreter (D = 17 covers its chunked paths)")
     p = extreme_problem(cov, N=12, K=4, D=D, seed=seed)
     check_against_reference({k: v.requires_grad_() for k, v in p.items()}, cov, backend, upstream="ones")
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
+@pytest.mark.parametrize("op", ["log_prob", "ngmg"])
+def test_a_nan_coordinate_poisons_its_own_row_only(cov, op, seed, backend):
+    """The rule for NaN in x (without ``validate``), the same on every backend: that row's
+    value is NaN; it contributes nothing to any gradient (its ∂x is 0, the parameter gradients
+    are those of the other rows), so one bad point does not poison a batch's update."""
+    p = random_problem(cov, None, N=7, K=3, D=4, seed=seed, far=False)
+    p["x"][2, 1] = float("nan")
+    args = [p[k].requires_grad_() for k in ARGS]
+    f = fg.gmm_log_prob if op == "log_prob" else functools.partial(fg.ngmg_loss, reduction="none")
+    out = f(*args, cov, backend=backend)
+    assert out[2].isnan() and bool(torch.isfinite(out[[0, 1, 3, 4, 5, 6]]).all()), out
+    grads = torch.autograd.grad(out, args, torch.ones_like(out))  # the NaN row's upstream is 1 too
+    assert all(bool(torch.isfinite(g).all()) for g in grads) and bool((grads[0][2] == 0).all())
+    keep = [0, 1, 3, 4, 5, 6]
+    clean = [args[0].detach()[keep].requires_grad_()] + [a.detach().requires_grad_() for a in args[1:]]
+    ref = torch.autograd.grad(f(*clean, cov, backend=backend).sum(), clean)
+    for name, g, r in zip(ARGS[1:], grads[1:], ref[1:]):  # the same sums, maybe in another order
+        assert_close_per_element(g, r, bars(torch.float32).grad, f"{backend} d/d{name}")
