@@ -3,6 +3,7 @@
 // kernel translation units (csrc/cpu/problem.h) and CUDA device code include it.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -33,6 +34,17 @@ FASTGMMDIFF_HD T half_d_log_2pi(int64_t D) {
 template <typename T>
 FASTGMMDIFF_HD T prec_grad_scale(T n, T W, T s, T Sy) {
   return n * (W / s) - Sy / s;
+}
+
+// Full covariance: q = ‖Uᵀz‖² is NaN where Uᵀz met an infinite coordinate (inf · 0) or
+// overflowed (inf − inf).  That point is infinitely far (+inf: ℓ = −inf, a dead row where every
+// component is so), unless a coordinate of x (its D values, ``stride`` apart) is NaN.
+template <typename T>
+FASTGMMDIFF_HD T far_q(T q, const T* x, int64_t D, int64_t stride = 1) {
+  if (q == q) return q;
+  for (int64_t d = 0; d < D; ++d)
+    if (x[d * stride] != x[d * stride]) return q;
+  return T(INFINITY);
 }
 
 //   full, entry (d, e):  triu(diag(W / U_dd) − S)[d, e],  S = Σ_n w z yᵀ, y = Uᵀz.

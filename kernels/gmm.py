@@ -279,7 +279,8 @@ def _bwd_param_diag_kernel(g_ptr, lp_ptr, dl_ptr, x_ptr, mu_ptr, s_ptr, a_ptr, p
                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """Partial sums over one split of the points, for a tile of components of mixture g:
     pw = Σ w [S, G, K], pz = Σ w z [S, G, K, D], pzz = Σ w y² [S, G, K, D] with y = s z (spherical:
-    Σ w ‖y‖² [S, G, K]; _math.finish_prec_grad).  Contiguous, zero-initialised buffers (several D chunks accumulate in place)."""
+    Σ w ‖y‖² [S, G, K]; _math.finish_prec_grad).  Contiguous, zero-initialised buffers (several
+    D chunks accumulate in place)."""
     pid_k = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
     g = tl.program_id(2).to(tl.int64)
@@ -992,19 +993,19 @@ def log_prob_target_bwd(grad, x, means, prec, target, logp, cov):
     perm, offsets = _target_segments(target, K)
     if cov == "full":
         b = _blocks(cov, D, acc)
-        one = b["ONE_C"]
-        dx = (torch.empty if one else torch.zeros)(G, N, D, dtype=acc, device=x.device)
-        py = (torch.empty if one else torch.zeros)(G, K, D, dtype=acc, device=x.device)
-        pzy = (torch.empty if one else torch.zeros)(G, K, D, D, dtype=acc, device=x.device)
+        launch = bool(N and G and K)
+        # one block: the kernel writes every element; past it, the blocks accumulate in place
+        new = torch.empty if (launch and b["ONE_C"]) else torch.zeros
+        dx = new(G, N, D, dtype=acc, device=x.device)
+        py = new(G, K, D, dtype=acc, device=x.device)
+        pzy = new(G, K, D, D, dtype=acc, device=x.device)
         W = torch.zeros(G, K, dtype=acc, device=x.device)
-        if N and G and K:
+        if launch:
             sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
             _launch(_bwd_target_full_kernel)[(K, G)](w, x, means, prec, perm, offsets, dx, py, pzy, W, N, K, D,
-                                                     sxg, sxn, smg, smk, spg, spk, N, N * D, D, ONE_C=one,
+                                                     sxg, sxn, smg, smk, spg, spk, N, N * D, D, ONE_C=b["ONE_C"],
                                                      BLOCK_N=b["BLOCK_N"], BLOCK_C=b["BLOCK_C"], ACC=acc_tl,
                                                      num_warps=b["num_warps"])
-        else:
-            dx.zero_(), py.zero_(), pzy.zero_()
         p = prec.to(acc).triu()
         gmu = torch.einsum("gkde,gke->gkd", p, py)
         gprec = finish_prec_grad(p, W, pzy, cov, D)

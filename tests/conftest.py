@@ -48,6 +48,23 @@ def seed(request):
 CPU_BACKENDS = ("torch", "cpu", "triton")
 
 
+def _triton_on_cpu_reason(node):
+    """Why this test cannot run the Triton backend on CPU tensors here, or None."""
+    from fastgmmdiff import _dispatch
+
+    if not _dispatch._triton_interpreted():
+        return "it runs CPU tensors only under TRITON_INTERPRET=1"
+    if node.get_closest_marker("interpreter_heavy") is not None:
+        return "too slow under Triton's CPU interpreter (tests/test_triton.py covers it at small sizes)"
+    return None
+
+
+@pytest.fixture
+def triton_on_cpu_reason(request):
+    """``_triton_on_cpu_reason`` for the requesting test (for fixtures outside this file)."""
+    return _triton_on_cpu_reason(request.node)
+
+
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     """Every backend that runs CPU tensors; skipped (at run time) where it is unavailable."""
@@ -55,10 +72,7 @@ def backend(request):
 
     reason = _dispatch.unavailable_reason(request.param)
     if reason is None and request.param == "triton":
-        if not _dispatch._triton_interpreted():
-            reason = "it runs CPU tensors only under TRITON_INTERPRET=1"
-        elif request.node.get_closest_marker("interpreter_heavy") is not None:
-            reason = "too slow under Triton's CPU interpreter (tests/test_triton.py covers it at small sizes)"
+        reason = _triton_on_cpu_reason(request.node)
     if reason is not None:
         pytest.skip(f"backend {request.param!r} unavailable: {reason}")
     return request.param

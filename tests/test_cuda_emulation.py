@@ -34,7 +34,8 @@ SMEM_OPTIN = 232448  # H100/H200 opt-in shared memory per block, as the emulatio
 # Element by element, against the CPU kernels: the error of an element, |a − ref| / (|ref| +
 # rms(ref)) against the float64 reference, may be at most 4× the CPU kernels' worst element, or
 # this floor, and never more than LOOSEN_CAP × the floor (the two share csrc/gmm_math.h: a bug
-# there is in both, and must not pass because the CPU kernels are as wrong).  Both accumulate in the same dtype in different orders, and at large D a float32
+# there is in both, and must not pass because the CPU kernels are as wrong).  Both accumulate
+# in the same dtype in different orders, and at large D a float32
 # responsibility carries the rounding of an exponent in the hundreds whichever kernel computes
 # it (measured: the emulated CUDA kernels' worst element at up to 2.2× the CPU kernels' over 800
 # gradient tensors of random problems with D up to 226).  A kernel bug (a wrong index, a

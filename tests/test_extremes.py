@@ -32,8 +32,6 @@ def test_far_point_with_a_sharp_or_flat_component(case, dtype, backend):
     check_far_point(lp, grads, cov, x, s, up, f"{backend} {name}")
 
 
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("components", FULL_FAR_KINDS)
 def test_full_covariance_infinite_or_overflowing_distance_is_a_dead_row(components, dtype, backend):

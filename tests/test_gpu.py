@@ -11,29 +11,22 @@ import pytest
 import torch
 
 import fastgmmdiff as fg
-from fastgmmdiff import _dispatch
 from fastgmmdiff.testing import check_against_reference, check_dead_rows, random_problem
 
 COVS = ["diag", "spherical", "full"]
 ARGS = ("x", "means", "prec_chol", "logits")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# numpy's warnings from inside Triton's CPU interpreter (inf arithmetic of the dead-row cases)
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
 @pytest.fixture(params=["cuda", "triton", "torch"])
-def gpu_backend(request):
+def gpu_backend(request, triton_on_cpu_reason):
     if request.param not in fg.available_backends():
         pytest.skip(f"backend {request.param!r} unavailable")
     if DEV == "cpu":
         if request.param == "cuda":
             pytest.skip("no CUDA device (tests/test_cuda_emulation.py runs these kernels emulated)")
-        if request.param == "triton" and not _dispatch._triton_interpreted():
-            pytest.skip("no CUDA device and not under TRITON_INTERPRET=1")
-        if request.param == "triton" and request.node.get_closest_marker("interpreter_heavy") is not None:
-            pytest.skip("too slow under Triton's CPU interpreter (tests/test_triton.py covers the same paths "
-                        "at small sizes)")
+        if request.param == "triton" and triton_on_cpu_reason is not None:
+            pytest.skip(f"no CUDA device, and Triton on CPU tensors: {triton_on_cpu_reason}")
     return request.param
 
 

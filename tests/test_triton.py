@@ -6,8 +6,6 @@ half inputs, NGMG with and without target, determinism.  The tests shared by eve
 (tests/conftest.py's ``backend`` fixture: test_log_prob, test_ngmg, test_distributions,
 test_backends' opcheck) run it too."""
 
-import os
-
 import pytest
 import torch
 
@@ -17,10 +15,6 @@ from fastgmmdiff.testing import (assert_close_per_element, bars, check_against_r
                                  far_rows_problem, random_problem)
 
 COVS = ["diag", "spherical", "full"]
-# numpy's warnings from inside the interpreter (inf arithmetic of the dead-row cases)
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 ARGS = ("x", "means", "prec_chol", "logits")
 
 
@@ -33,7 +27,7 @@ def _need_triton():
     reason = _dispatch.unavailable_reason("triton")
     if reason is not None:
         pytest.skip(f"triton backend unavailable: {reason}")
-    if _device() == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if _device() == "cpu" and not _dispatch._triton_interpreted():
         pytest.skip("no GPU and not under TRITON_INTERPRET=1")
 
 

@@ -1,6 +1,6 @@
 // CPU kernels of the fused NGMG's one-component-per-point path (fastgmmdiff::ngmg with `target`
-// and many components: log_prob_cpu.cpp): log N(x_n; μ_t, Σ_t) and its backward.  The target component's parameters are read directly (a
-// gather), never the other K − 1:
+// and many components: log_prob_cpu.cpp): log N(x_n; μ_t, Σ_t) and its backward.  The target
+// component's parameters are read directly (a gather), never the other K − 1:
 //
 //   out_n = c_t − ½ q_n,   q_n = ‖U_tᵀ(x_n − μ_t)‖²,   c_t = Σ_d log U_t[d,d] − D/2 log 2π
 //   ∂x_n = −g_n Λ_t z_n,  ∂μ_t += g_n Λ_t z_n,  and the prec_chol gradient of SPEC §1 with
@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "../ops.h"
@@ -66,12 +65,7 @@ inline T quad1(int cov, const T* __restrict xr, const T* __restrict mu, const T*
       for (int64_t e = d; e < D; ++e) y[e] += pr[d * D + e] * zd;
     }
     for (int64_t e = 0; e < D; ++e) q += y[e] * y[e];
-    // NaN from inf · 0 or inf − inf in Uᵀz: infinitely far (csrc/cpu/kernels.inc quad)
-    if (q != q) {
-      bool nan_x = false;
-      for (int64_t d = 0; d < D; ++d) nan_x = nan_x || xr[d] != xr[d];
-      if (!nan_x) q = std::numeric_limits<T>::infinity();
-    }
+    q = far_q(q, xr, D);
   }
   return q;
 }

@@ -74,13 +74,7 @@ __device__ __forceinline__ T quad_point(const T* __restrict__ xr, const T* __res
       for (int d = 0; d <= e; ++d) y += ldg(pr + static_cast<int64_t>(d) * D + e) * (xr[d] - ldg(mu + d));
       qa[e & 3] += y * y;
     }
-    const T q = (qa[0] + qa[1]) + (qa[2] + qa[3]);
-    if (q != q) {  // inf · 0 or inf − inf in Uᵀz: infinitely far, unless a coordinate is NaN
-      bool nan_x = false;
-      for (int d = 0; d < D; ++d) nan_x = nan_x || xr[d] != xr[d];
-      if (!nan_x) return static_cast<T>(INFINITY);
-    }
-    return q;
+    return far_q((qa[0] + qa[1]) + (qa[2] + qa[3]), xr, D);  // inf · 0, inf − inf: infinitely far
   }
   return (qa[0] + qa[1]) + (qa[2] + qa[3]);
 }
