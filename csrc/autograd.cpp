@@ -35,7 +35,7 @@ using NgmgSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const T
 using NgmgBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                               const Tensor&, const Tensor&,
                                                               const c10::optional<Tensor>&, const Tensor&,
-                                                              const Tensor&, c10::string_view);
+                                                              const Tensor&, c10::string_view, bool);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> handle(const char* name) {
@@ -102,6 +102,7 @@ class NgmgFunction : public torch::autograd::Function<NgmgFunction> {
     const Tensor t = target.has_value() ? *target : Tensor();
     ctx->save_for_backward({x, means, prec, logits, t, std::get<0>(r), std::get<1>(r)});
     ctx->saved_data["cov"] = std::string(cov);
+    ctx->saved_data["normalize"] = normalize;
     ctx->mark_non_differentiable({std::get<1>(r)});
     return {std::get<0>(r), std::get<1>(r)};
   }
@@ -112,7 +113,7 @@ class NgmgFunction : public torch::autograd::Function<NgmgFunction> {
     const std::string cov = ctx->saved_data["cov"].toStringRef();
     Tensor g = grad_out[0].defined() ? grad_out[0].contiguous() : at::zeros_like(s[5]);
     const c10::optional<Tensor> t = s[4].defined() ? c10::optional<Tensor>(s[4]) : c10::nullopt;
-    auto r = op.call(g, s[0], s[1], s[2], s[3], t, s[5], s[6], cov);
+    auto r = op.call(g, s[0], s[1], s[2], s[3], t, s[5], s[6], cov, ctx->saved_data["normalize"].toBool());
     // With a target the weights do not enter the loss: no gradient (None), as in the torch backend.
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r), t.has_value() ? Tensor() : std::get<3>(r),
             Tensor(), Tensor(), Tensor()};
@@ -128,9 +129,10 @@ std::tuple<Tensor, Tensor> ngmg_autograd(const Tensor& x, const Tensor& means, c
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> ngmg_backward_autograd(
     const Tensor& grad, const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& logits,
-    const c10::optional<Tensor>& target, const Tensor& loss, const Tensor& logp, c10::string_view cov) {
+    const c10::optional<Tensor>& target, const Tensor& loss, const Tensor& logp, c10::string_view cov,
+    bool normalize) {
   static auto op = handle<NgmgBwdSig>("fastgmmdiff::ngmg_backward");
-  auto r = BackwardFunction::apply(&op, grad, x, means, prec, logits, target, loss, logp, cov);
+  auto r = BackwardFunction::apply(&op, grad, x, means, prec, logits, target, loss, logp, cov, normalize);
   return {r[0], r[1], r[2], r[3]};
 }
 

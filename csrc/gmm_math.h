@@ -36,6 +36,18 @@ FASTGMMDIFF_HD T prec_grad_scale(T n, T W, T s, T Sy) {
   return n * (W / s) - Sy / s;
 }
 
+// w Λ z for diag/spherical: w·s·y with y = s·z the scaled distance, multiplied in the order
+// that keeps a representable result from an overflowed or underflowed (flushed) partial
+// product.  The NGMG weights w by p̃ or p: 1e-37 with the term still a normal number (w y
+// below the smallest normal, then × s = 1e4), or 3e37 at y = 0 (w s = inf, then × 0 = NaN).
+// Small w (|w| < 1) takes s first when s ≥ 1 (|w s| ≤ s), else y first (|w y| ≥ the result);
+// large w the other way round.  big_w: |w| ≥ 1 (for lanes of a tile: Σ |w| ≥ 1, one order for
+// all of them).  W is a scalar or a vector of lanes; s one scalar for all of them.
+template <typename W, typename T>
+FASTGMMDIFF_HD W weighted_lz(W w, T s, W y, bool big_w) {
+  return (s >= T(1)) != big_w ? (w * s) * y : (w * y) * s;
+}
+
 // Full covariance: q = ‖Uᵀz‖² is NaN where Uᵀz met an infinite coordinate (inf · 0) or
 // overflowed (inf − inf).  That point is infinitely far (+inf: ℓ = −inf, a dead row where every
 // component is so), unless a coordinate of x (its D values, ``stride`` apart) is NaN.

@@ -203,4 +203,26 @@ inline at::Tensor component_const(const at::Tensor& prec, const at::Tensor& logi
   return (at::log_softmax(logits, -1) + component_lognorm(prec, cov, D)).contiguous();
 }
 
+// log(a / b) to a few ulps of its own size: log1p((a − b)/b) near a/b = 1, log(a/b) elsewhere.
+inline at::Tensor log_ratio(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor d = (a - b) / b;
+  return at::where(d.abs() < 0.5, at::log1p(d), (a / b).log());
+}
+
+// a_k − c, [G, K]: the constants with NGMG's normaliser c = logsumexp_k a_k inside, so that the
+// fused NGMG's logsumexp gives log p̃ itself, never log p − c (|c| reaches hundreds: log p's
+// rounding would be p̃'s relative error).  As differences from the largest a_m, logit and
+// log U_dd ratios dimension by dimension, so nothing of size |c| is rounded
+// (fastgmmdiff/_math.py ngmg_const, the same).
+inline at::Tensor ngmg_const(const at::Tensor& prec, const at::Tensor& logits, int cov, int64_t D) {
+  const at::Tensor u = cov == kSpherical ? prec.unsqueeze(-1) : cov == kDiag ? prec : prec.diagonal(0, -2, -1);
+  const at::Tensor m = component_const(prec, logits, cov, D).argmax(-1, /*keepdim=*/true);
+  std::vector<int64_t> um(m.sizes().begin(), m.sizes().end());
+  um.push_back(u.size(-1));
+  const at::Tensor lr = log_ratio(u, u.gather(-2, m.unsqueeze(-1).expand(um)));
+  at::Tensor diff = logits - logits.gather(-1, m);
+  diff = diff + (cov == kSpherical ? lr.select(-1, 0) * static_cast<double>(D) : lr.sum(-1));
+  return (diff - at::logsumexp(diff, {-1}, /*keepdim=*/true)).contiguous();
+}
+
 }  // namespace fastgmmdiff

@@ -13,15 +13,17 @@ inline void define_schemas(torch::Library& m) {
   // Gradients of Σ grad·log p w.r.t. (x, means, prec_chol, logits), each in its input's dtype.
   m.def("log_prob_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, "
         "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Fused NGMG (SPEC §2): (loss, logp), both result-shaped: loss = −p̃ per point, logp = log p
-  // (no target) or the target component's a_t − ½q_t (a_t = its log-normaliser, 0 when
-  // normalize), saved for the backward.  With a target only each point's own component is
+  // Fused NGMG (SPEC §2): (loss, logp), both result-shaped: loss = −exp(logp) per point, logp
+  // saved for the backward: without a target log p̃ = log p − c (normalize; c inside the
+  // logsumexp, ops.h ngmg_const) or log p; with one the target component's a_t − ½q_t (a_t =
+  // its log-normaliser, 0 when normalize).  With a target only each point's own component is
   // read (the gather kernels: csrc/cpu/target_cpu.cpp, the CUDA target kernels) for large K.
   m.def("ngmg(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, str covariance_type, "
         "bool normalize) -> (Tensor, Tensor)");
   // Gradients of Σ grad·loss w.r.t. (x, means, prec_chol, logits); logits' is 0 with a target.
+  // normalize: the forward's, which says what the saved logp is relative to.
   m.def("ngmg_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, "
-        "Tensor loss, Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor loss, Tensor logp, str covariance_type, bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace fastgmmdiff

@@ -2,15 +2,19 @@
 
 Every backend provides two registered ops with the same schemas:
 
-    <fwd>(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, str covariance_type) -> Tensor
+    <fwd>(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, str covariance_type
+          [, bool normalize=False]) -> Tensor
     <bwd>(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor logp,
-          str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)
+          str covariance_type [, bool normalize=False]) -> (Tensor, Tensor, Tensor, Tensor)
 
 on the canonical layout of ``_checks`` (x ``[Gx, N, D]``, parameters with a G axis); the
 compiled extension's ops also take the API layout (G axes as given, result ``[N]`` when no
 input has one: csrc/ops.h), which the fakes follow too.  The forward returns log p in the
 accumulation dtype (float64 for float64 inputs, float32 otherwise) so that backward recomputes
 the responsibilities from an unrounded log p; it is the only tensor saved besides the inputs.
+The Python backends' ops (torch, Triton) take ``normalize`` too: the forward then returns
+NGMG's log p̃ = log p − c with c inside the logsumexp (``_math.ngmg_const``; ``ngmg_loss``
+composes its loss from it), and the backward, told the same, recomputes the same constants.
 The backward returns the gradients with respect to (x, means, prec_chol, logits) in their
 shapes and dtypes.  ``register_log_prob_op`` gives both ops fake implementations, so
 ``torch.compile`` traces through them, and wires the pair into autograd (Python), except for
@@ -39,11 +43,11 @@ def _result_shape(x, means, prec_chol, last, covariance_type):
     return (x.shape[-2],)
 
 
-def _fake_fwd(x, means, prec_chol, logits, covariance_type):
+def _fake_fwd(x, means, prec_chol, logits, covariance_type, normalize=False):
     return x.new_empty(_result_shape(x, means, prec_chol, logits, covariance_type), dtype=_acc(x.dtype))
 
 
-def _fake_bwd(grad, x, means, prec_chol, logits, logp, covariance_type):
+def _fake_bwd(grad, x, means, prec_chol, logits, logp, covariance_type, normalize=False):
     return tuple(torch.empty_like(t) for t in (x, means, prec_chol, logits))
 
 
@@ -55,8 +59,8 @@ def _op(qualname: str):
 def _register(fwd_name, bwd_name, fake_fwd, fake_bwd, n_grads, fakes=True, autograd=True):
     """Fakes for both ops (unless ``fakes=False``: a ``triton_op`` derives its own), and fwd's
     autograd: save the tensor inputs and the output (log p); backward calls
-    ``bwd(grad, *tensor inputs, log p, covariance_type)``, which returns the gradients of the
-    first ``n_grads`` inputs.  ``autograd=False``: fakes only (the compiled extension registers
+    ``bwd(grad, *tensor inputs, log p, covariance_type[, normalize])``, which returns the
+    gradients of the first ``n_grads`` inputs.  ``autograd=False``: fakes only (the compiled extension registers
     the same autograd in C++, csrc/autograd.cpp, to keep Python off the latency path)."""
     if fakes:
         torch.library.register_fake(fwd_name)(fake_fwd)
@@ -66,14 +70,13 @@ def _register(fwd_name, bwd_name, fake_fwd, fake_bwd, n_grads, fakes=True, autog
     bwd = _op(bwd_name)
 
     def setup_context(ctx, inputs, output):
-        *tensors, cov = inputs
-        ctx.save_for_backward(*tensors, output)
-        ctx.cov = cov
+        ctx.save_for_backward(*inputs[:4], output)
+        ctx.flags = inputs[4:]  # covariance_type[, normalize]
 
     def backward(ctx, grad):
         *tensors, logp = ctx.saved_tensors
-        grads = bwd(grad.contiguous(), *tensors, logp, ctx.cov)
-        return (*grads, *([None] * (len(tensors) + 1 - n_grads)))
+        grads = bwd(grad.contiguous(), *tensors, logp, *ctx.flags)
+        return (*grads, *([None] * (len(tensors) + len(ctx.flags) - n_grads)))
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
@@ -85,18 +88,20 @@ def register_log_prob_op(fwd_name: str, bwd_name: str, fakes: bool = True, autog
 
 # --- one component per point (NGMG with target; the torch and Triton backends) ---------------
 #
-#     <fwd>(Tensor x, Tensor means, Tensor prec_chol, Tensor target, str covariance_type) -> Tensor
+#     <fwd>(Tensor x, Tensor means, Tensor prec_chol, Tensor target, str covariance_type,
+#           bool normalize=False) -> Tensor
 #     <bwd>(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor target, Tensor logp,
-#           str covariance_type) -> (Tensor, Tensor, Tensor)
+#           str covariance_type, bool normalize=False) -> (Tensor, Tensor, Tensor)
 #
-# log N(x_n; μ_t, Σ_t) [G, N] with t = target [G, N] (int64); gradients w.r.t. x, means, prec_chol.
+# log N(x_n; μ_t, Σ_t) [G, N] with t = target [G, N] (int64), or −½q_t with ``normalize``
+# (NGMG's log p̃: the log-normaliser is never added); gradients w.r.t. x, means, prec_chol.
 
 
-def _fake_target_fwd(x, means, prec_chol, target, covariance_type):
+def _fake_target_fwd(x, means, prec_chol, target, covariance_type, normalize=False):
     return x.new_empty(_result_shape(x, means, prec_chol, target, covariance_type), dtype=_acc(x.dtype))
 
 
-def _fake_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type):
+def _fake_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type, normalize=False):
     return tuple(torch.empty_like(t) for t in (x, means, prec_chol))
 
 
@@ -110,11 +115,11 @@ def register_target_op(fwd_name: str, bwd_name: str, fakes: bool = True, autogra
 #     ngmg(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target,
 #          str covariance_type, bool normalize) -> (Tensor loss, Tensor logp)
 #     ngmg_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits,
-#                   Tensor? target, Tensor loss, Tensor logp, str covariance_type)
+#                   Tensor? target, Tensor loss, Tensor logp, str covariance_type, bool normalize)
 #         -> (Tensor, Tensor, Tensor, Tensor)
 #
-# loss = −p̃ per point and the saved logp, both result-shaped; autograd is C++
-# (csrc/autograd.cpp).
+# loss = −p̃ per point and the saved logp (log p̃ when normalised, with c inside the logsumexp;
+# log p otherwise), both result-shaped; autograd is C++ (csrc/autograd.cpp).
 
 
 def _fake_ngmg(x, means, prec_chol, logits, target, covariance_type, normalize):
@@ -122,7 +127,7 @@ def _fake_ngmg(x, means, prec_chol, logits, target, covariance_type, normalize):
     return out, torch.empty_like(out)
 
 
-def _fake_ngmg_bwd(grad, x, means, prec_chol, logits, target, loss, logp, covariance_type):
+def _fake_ngmg_bwd(grad, x, means, prec_chol, logits, target, loss, logp, covariance_type, normalize):
     return tuple(torch.empty_like(t) for t in (x, means, prec_chol, logits))
 
 

@@ -44,9 +44,31 @@ def component_const(prec: Tensor, logits: Tensor, cov: str, D: int) -> Tensor:
     return torch.log_softmax(logits, -1) + component_lognorm(prec, cov, D)
 
 
-def ngmg_log_normalizer(prec: Tensor, logits: Tensor, cov: str, D: int) -> Tensor:
-    """NGMG's c = logsumexp_k a_k = log Σ_k π_k N(μ_k; μ_k, Σ_k) per mixture, [...] (SPEC §2)."""
-    return torch.logsumexp(component_const(prec, logits, cov, D), -1)
+def ngmg_const(prec: Tensor, logits: Tensor, cov: str, D: int) -> Tensor:
+    """a_k − c, [..., K]: the component constants with NGMG's normaliser inside, so that
+    logsumexp_k(a_k − c − ½q_nk) is log p̃ itself (SPEC §2), never log p − c.
+
+    Near a mean log p ≈ c, and |c| reaches hundreds (D·log U: 180 at D = 129, U = 10): log p
+    rounded to float32 carries |c|·u of absolute error, which log p − c keeps and exp turns into
+    p̃'s relative error (3e-5: over the 1e-5 bar).  Formed here as differences from the largest
+    constant a_m — logit_k − logit_m plus Σ_d log(U_k[d,d] / U_m[d,d]) (``_log_ratio``), so
+    that log π's normaliser and −D/2 log 2π cancel exactly and nothing of size |c| is rounded —
+    minus logsumexp_k of those differences (≤ log K).  csrc/ops.h has the same for C++."""
+    if cov == "spherical":
+        u = prec[..., None]
+    else:
+        u = prec if cov == "diag" else torch.diagonal(prec, dim1=-2, dim2=-1)
+    m = component_const(prec, logits, cov, D).argmax(-1, keepdim=True)
+    lr = _log_ratio(u, u.gather(-2, m[..., None].expand(*m.shape, u.shape[-1])))
+    diff = (logits - logits.gather(-1, m)) + (D * lr[..., 0] if cov == "spherical" else lr.sum(-1))
+    return diff - torch.logsumexp(diff, -1, keepdim=True)
+
+
+def _log_ratio(a: Tensor, b: Tensor) -> Tensor:
+    """log(a / b) to a few ulps of its own size: log1p((a − b)/b) when a/b is near 1 (where
+    log(a/b) would carry one ulp of 1 instead), log(a/b) elsewhere."""
+    d = (a - b) / b
+    return torch.where(d.abs() < 0.5, torch.log1p(d), (a / b).log())
 
 
 def finish_prec_grad(prec: Tensor, W: Tensor, S: Tensor, cov: str, D: int) -> Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import register_log_prob_op, register_target_op
-from ._math import acc_dtype, component_const, component_lognorm, finish_prec_grad
+from ._math import acc_dtype, component_const, component_lognorm, finish_prec_grad, ngmg_const
 
 _CHUNK_ELEMS = 1 << 22  # elements of the [G, C, K, D] intermediate per chunk (16 MiB in fp32)
 
@@ -58,19 +58,23 @@ def _far_is_inf(q: Tensor, z: Tensor) -> Tensor:
     return torch.where(q.isnan() & ~z.isnan().any(-1), float("inf"), q)
 
 
-def _prepare(x, means, prec, logits, cov):
+def _prepare(x, means, prec, logits, cov, normalize=False):
+    """Inputs in the accumulation dtype and the constants a_k (``normalize``: a_k − c, NGMG's
+    normaliser inside, _math.ngmg_const)."""
     dt = acc_dtype(x.dtype)
     x, means, prec, logits = (t.to(dt) for t in (x, means, prec, logits))
     if cov == "full":
         prec = prec.triu()
     D = means.shape[-1]
-    const = component_const(prec, logits, cov, D)
+    const = (ngmg_const if normalize else component_const)(prec, logits, cov, D)
     return x, means, prec, logits, const
 
 
-def log_prob_fwd(x: Tensor, means: Tensor, prec: Tensor, logits: Tensor, cov: str) -> Tensor:
-    """log p: [G, N] in the accumulation dtype (canonical layout, see _checks)."""
-    x, means, prec, logits, const = _prepare(x, means, prec, logits, cov)
+def log_prob_fwd(x: Tensor, means: Tensor, prec: Tensor, logits: Tensor, cov: str,
+                 normalize: bool = False) -> Tensor:
+    """log p: [G, N] in the accumulation dtype (canonical layout, see _checks); ``normalize``:
+    log p̃ = log p − c (SPEC §2), with c inside the logsumexp."""
+    x, means, prec, logits, const = _prepare(x, means, prec, logits, cov, normalize)
     G, K, D = means.shape
     N = x.shape[1]
     out = torch.empty(G, N, dtype=x.dtype, device=x.device)
@@ -99,10 +103,11 @@ def component_log_prob(x: Tensor, means: Tensor, prec: Tensor, logits: Tensor, c
 
 
 def log_prob_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, logits: Tensor,
-                 logp: Tensor, cov: str):
-    """Gradients (x, means, prec_chol, logits) of Σ grad·log p, each in its input's dtype."""
+                 logp: Tensor, cov: str, normalize: bool = False):
+    """Gradients (x, means, prec_chol, logits) of Σ grad·log p, each in its input's dtype
+    (c is a constant: ``normalize`` gives the same gradients, for the saved log p̃)."""
     in_dtypes = [t.dtype for t in (x, means, prec, logits)]
-    x, means, prec, logits, const = _prepare(x, means, prec, logits, cov)
+    x, means, prec, logits, const = _prepare(x, means, prec, logits, cov, normalize)
     G, K, D = means.shape
     Gx, N, _ = x.shape
     dead = ~torch.isfinite(logp)  # −inf rows (NaN rows come from NaN inputs)
@@ -155,8 +160,11 @@ def _gather_target(means: Tensor, prec: Tensor, target: Tensor):
     return mu, torch.gather(prec, 1, idx)
 
 
-def log_prob_target_fwd(x: Tensor, means: Tensor, prec: Tensor, target: Tensor, cov: str) -> Tensor:
-    """log N(x_n; μ_t, Σ_t) [G, N], t = target[g, n] (the other components are never read)."""
+def log_prob_target_fwd(x: Tensor, means: Tensor, prec: Tensor, target: Tensor, cov: str,
+                        normalize: bool = False) -> Tensor:
+    """log N(x_n; μ_t, Σ_t) [G, N], t = target[g, n] (the other components are never read);
+    ``normalize``: −½q_t, NGMG's log p̃ with a target (the log-normaliser never added, so never
+    cancelled)."""
     dt = acc_dtype(x.dtype)
     x, means, prec = (t.to(dt) for t in (x, means, prec))
     if cov == "full":
@@ -164,18 +172,19 @@ def log_prob_target_fwd(x: Tensor, means: Tensor, prec: Tensor, target: Tensor, 
     G, K, D = means.shape
     mu, pt = _gather_target(means, prec, target)
     z = x.expand(G, -1, -1) - mu
-    c = component_lognorm(prec, cov, D).gather(1, target)
     if cov == "diag":
         q = ((z * pt) ** 2).sum(-1)
     elif cov == "spherical":
         q = ((z * pt[..., None]) ** 2).sum(-1)
     else:
         q = _far_is_inf((torch.einsum("gnd,gnde->gne", z, pt) ** 2).sum(-1), z)
-    return c - 0.5 * q
+    if normalize:
+        return -0.5 * q
+    return component_lognorm(prec, cov, D).gather(1, target) - 0.5 * q
 
 
 def log_prob_target_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, target: Tensor,
-                        logp: Tensor, cov: str):
+                        logp: Tensor, cov: str, normalize: bool = False):
     """Gradients (x, means, prec_chol) of Σ grad·log N(x_n; μ_t, Σ_t)."""
     in_dtypes = [t.dtype for t in (x, means, prec)]
     dt = acc_dtype(x.dtype)
@@ -210,15 +219,15 @@ def log_prob_target_bwd(grad: Tensor, x: Tensor, means: Tensor, prec: Tensor, ta
 
 @torch.library.custom_op("fastgmmdiff::log_prob_torch", mutates_args=())
 def log_prob_torch(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
-                   covariance_type: str) -> Tensor:
-    return log_prob_fwd(x, means, prec_chol, logits, covariance_type)
+                   covariance_type: str, normalize: bool = False) -> Tensor:
+    return log_prob_fwd(x, means, prec_chol, logits, covariance_type, normalize)
 
 
 @torch.library.custom_op("fastgmmdiff::log_prob_torch_backward", mutates_args=())
 def log_prob_torch_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor,
-                            logits: Tensor, logp: Tensor, covariance_type: str
+                            logits: Tensor, logp: Tensor, covariance_type: str, normalize: bool = False
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return log_prob_bwd(grad, x, means, prec_chol, logits, logp, covariance_type)
+    return log_prob_bwd(grad, x, means, prec_chol, logits, logp, covariance_type, normalize)
 
 
 register_log_prob_op("fastgmmdiff::log_prob_torch", "fastgmmdiff::log_prob_torch_backward")
@@ -226,15 +235,15 @@ register_log_prob_op("fastgmmdiff::log_prob_torch", "fastgmmdiff::log_prob_torch
 
 @torch.library.custom_op("fastgmmdiff::log_prob_target_torch", mutates_args=())
 def log_prob_target_torch(x: Tensor, means: Tensor, prec_chol: Tensor, target: Tensor,
-                          covariance_type: str) -> Tensor:
-    return log_prob_target_fwd(x, means, prec_chol, target, covariance_type)
+                          covariance_type: str, normalize: bool = False) -> Tensor:
+    return log_prob_target_fwd(x, means, prec_chol, target, covariance_type, normalize)
 
 
 @torch.library.custom_op("fastgmmdiff::log_prob_target_torch_backward", mutates_args=())
 def log_prob_target_torch_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor,
-                                   target: Tensor, logp: Tensor, covariance_type: str
+                                   target: Tensor, logp: Tensor, covariance_type: str, normalize: bool = False
                                    ) -> tuple[Tensor, Tensor, Tensor]:
-    return log_prob_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type)
+    return log_prob_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type, normalize)
 
 
 register_target_op("fastgmmdiff::log_prob_target_torch", "fastgmmdiff::log_prob_target_torch_backward")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, _dispatch
-from ._math import acc_dtype, component_lognorm, ngmg_log_normalizer
+from ._math import acc_dtype
 
 
 def _empty_like_result(c: _checks.Canonical, shape) -> Tensor:
@@ -21,14 +21,16 @@ def _empty_like_result(c: _checks.Canonical, shape) -> Tensor:
     return x.new_zeros(shape, dtype=acc_dtype(c.dtype)) + 0 * tie
 
 
-def _run_log_prob(c: _checks.Canonical, b: _dispatch.Backend) -> Tensor:
+def _run_log_prob(c: _checks.Canonical, b: _dispatch.Backend, normalize: bool = False) -> Tensor:
     """log p shaped like the result (``c.out_shape``) in the accumulation dtype, through backend
     ``b``'s op.  Ops that take the API layout get the tensors as they are (no view ops, no
-    view nodes in the graph); the others get the canonical views."""
+    view nodes in the graph); the others get the canonical views, and ``normalize`` (those
+    only: NGMG's log p̃, its normaliser inside the logsumexp)."""
     if b.api_layout:
+        assert not normalize, "the compiled ops normalise in their fused ngmg op"
         return b.op()(*c.api, c.covariance_type)
     lp = b.op()(c.x.contiguous(), c.means.contiguous(), c.prec_chol.contiguous(),
-                c.logits.contiguous(), c.covariance_type)
+                c.logits.contiguous(), c.covariance_type, normalize)
     return lp if c.batched else lp.reshape(c.out_shape)
 
 
@@ -108,30 +110,16 @@ def _warn_outer(c: _checks.Canonical, x: Tensor, fn: str) -> None:
             OuterEvaluationWarning, stacklevel=3)
 
 
-def _log_normalizer(c: _checks.Canonical) -> Tensor:
-    """NGMG's c per mixture: logsumexp_k(log π_k + log|U_k|) − D/2 log 2π, detached, shaped to
-    broadcast against the result: [G, 1], or [] when no parameter has the G axis."""
-    dt = acc_dtype(c.dtype)
-    _, _, prec, logits = c.api
-    prec = prec.detach().to(dt)
-    cst = ngmg_log_normalizer(prec, logits.detach().to(dt), c.covariance_type, c.D)
-    return cst.unsqueeze(-1) if cst.dim() == 1 else cst
-
-
 def _targeted_log_prob(c: _checks.Canonical, b, t: Tensor, normalize: bool) -> Tensor:
-    """log N(z_n; μ_t, Σ_t) for t = target[n], minus its detached log-normaliser when
-    ``normalize`` (so the value is −½‖U_tᵀ(z_n − μ_t)‖²). [G, N], accumulation dtype.
+    """log N(z_n; μ_t, Σ_t) for t = target[n], or with ``normalize`` −½‖U_tᵀ(z_n − μ_t)‖² (its
+    log-normaliser never added, so never cancelled). [G, N], accumulation dtype.
 
     The backend's target op reads only the target's component for each point.  Shaped like
     the result (``c.out_shape``).  Backends whose ops take the canonical layout only: the
     compiled ones run the fused ``fastgmmdiff::ngmg`` op instead."""
-    G, D = c.G, c.D
-    tg = t.reshape(G, c.N).contiguous()
+    tg = t.reshape(c.G, c.N).contiguous()
     lp = b.target_op()(c.x.contiguous(), c.means.contiguous(), c.prec_chol.contiguous(), tg,
-                       c.covariance_type)
-    if normalize:
-        prec = c.prec_chol.detach().to(lp.dtype)
-        lp = lp - component_lognorm(prec, c.covariance_type, D).gather(1, tg)
+                       c.covariance_type, normalize)
     return lp.reshape(c.out_shape)
 
 
@@ -192,11 +180,8 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
         loss = _empty_like_result(c, c.out_shape)
     elif b.api_layout:  # the compiled extension's fused NGMG (loss and its epilogue in the kernel)
         loss = torch.ops.fastgmmdiff.ngmg(*c.api, t, c.covariance_type, normalize)[0]
-    elif t is None:
-        lp = _run_log_prob(c, b)
-        if normalize:
-            lp = lp - _log_normalizer(c)
-        loss = -torch.exp(lp)
+    elif t is None:  # log p̃ (normalize) or log p from the backend's log-density op
+        loss = -torch.exp(_run_log_prob(c, b, normalize))
     else:
         loss = -torch.exp(_targeted_log_prob(c, b, t, normalize))
     loss = _checks.reduce(loss, reduction)

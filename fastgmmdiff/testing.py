@@ -6,7 +6,9 @@ The error measure (one, everywhere): element by element,
     |out − ref| ≤ bar · (|ref| + rms(ref)) + tiny
 
 (tiny: the output dtype's smallest normal number — a true value below it, such as an NGMG value
-of 1e-100 far out, has nothing in float32 to meet but 0 or a subnormal)
+of 1e-100 far out, has nothing in float32 to meet but 0 or a subnormal; the NGMG gradient terms
+−p̃ₙ ∇log pₙ of such a point go with it, even where the product would be a normal number: an
+NGMG gradient element over its bound may be off by the sum of those points' |terms|)
 
 against the float64 reference evaluated on exactly the inputs' values (``elementwise_error``
 is the worst ratio |out − ref| / (|ref| + rms(ref)); elements equal in both, −inf rows
@@ -206,28 +208,41 @@ def check_gradient(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, rt
 ARGS = ("x", "means", "prec_chol", "logits")
 
 
-def _check_gradients(ref_fn, args, upstream, grads, ref_grads, rtol: float, what: str) -> None:
+def _check_gradients(ref_fn, args, upstream, grads, ref_grads, rtol: float, what: str,
+                     underflow: bool = False) -> None:
     """Each of ``grads`` (named by ARGS) against its float64 ``ref_grads`` within
     ``gradient_bounds`` (``ref_fn``, ``args``, ``upstream`` as there); a ``None`` reference
-    (an argument that does not enter) is the caller's to check."""
+    (an argument that does not enter) is the caller's to check.  ``underflow`` (NGMG): an
+    element over its bound may also take the terms of the points whose value underflows
+    (``_point_terms``)."""
     bounds = gradient_bounds(ref_fn, args, upstream, ref_grads, rtol)
     for i, (name, g, r, bound) in enumerate(zip(ARGS, grads, ref_grads, bounds)):
         if r is None:
             continue
-        if i > 0 and bool((_errors(g, r) > bound).any()):
-            floor = _summation_floor(ref_fn, args, upstream, i)
-            if floor is not None:
-                bound = torch.maximum(bound, torch.minimum(floor, LOOSEN_CAP * rtol * _scale(r.detach().double())))
+        if bool((_errors(g, r) > bound).any()):
+            if i > 0:
+                floor = _summation_floor(ref_fn, args, upstream, i)
+                if floor is not None:
+                    bound = torch.maximum(bound, torch.minimum(floor, LOOSEN_CAP * rtol * _scale(r.detach().double())))
+            if underflow:
+                lost = _point_terms(ref_fn, args, upstream, i, lambda out: out.abs() < _underflow(args[0].dtype))
+                if lost is not None:
+                    bound = bound + lost
         check_gradient(g, r, bound, rtol, f"{what} d/d{name}")
 
 
-def _summation_floor(ref_fn, args, upstream, index: int, max_elems: int = 5e7):
-    """A parameter's gradient is a sum over the points of per-point terms t_n; summed in the
-    working precision (unit roundoff u) in any order, its error is at most (N − 1)·u·Σ_n |t_n|.
-    Where the sum cancels (a random-sign upstream makes Σ_n g_n (r_nk − π_k) ~1e-4 of its terms
-    about once in 2000 elements) that, not the kernel, sets the attainable accuracy.  Returns
-    2·N·u·Σ_n |t_n| per element from the float64 reference's per-point Jacobian, or None when
-    the Jacobian would be too large; computed only for an element over the other bounds."""
+def _point_terms(ref_fn, args, upstream, index: int, which=None, max_elems: int = 5e7):
+    """Σ_n |t_n| per element of argument ``index``'s gradient, t_n = upstream_n·∂out_n/∂θ the
+    per-point terms, from the float64 reference's Jacobian: over every output element, or over
+    those where ``which(out)`` holds.  None when the Jacobian would be too large.
+
+    Used for two floors, each computed only for an element over the other bounds:
+    * ``_summation_floor``: a gradient summed over the points in the working precision (unit
+      roundoff u), in any order, is off by at most (N − 1)·u·Σ_n |t_n|;
+    * NGMG values below the dtype's smallest normal (module docstring: the value's own slack):
+      such a point's term −p̃_n ∇log p_n has no p̃_n to be formed from in that dtype (0 or a
+      subnormal with a few bits), though the product may be a normal number where the score is
+      large (p̃ = 1e-45 far from a sharp component, ∂x ~ 1e-34); its terms are what is lost."""
     a64 = [a.detach().double() for a in args]
     out = ref_fn(*a64, form="broadcast")
     if out.numel() * a64[index].numel() > max_elems:
@@ -237,10 +252,23 @@ def _summation_floor(ref_fn, args, upstream, index: int, max_elems: int = 5e7):
         return ref_fn(*(a64[:index] + [theta] + a64[index + 1:]), form="broadcast")
 
     jac = torch.autograd.functional.jacobian(f, a64[index], vectorize=True)  # out.shape + θ.shape
-    up = upstream.double().reshape(out.shape + (1,) * a64[index].dim())
-    terms = (up * jac).abs().flatten(0, out.dim() - 1).sum(0)
+    mask = torch.ones_like(out) if which is None else which(out).to(out.dtype)
+    up = (upstream.double() * mask).reshape(out.shape + (1,) * a64[index].dim())
+    return (up * jac).abs().flatten(0, out.dim() - 1).sum(0)
+
+
+def _summation_floor(ref_fn, args, upstream, index: int):
+    """A parameter's gradient is a sum over the points of per-point terms t_n; summed in the
+    working precision (unit roundoff u) in any order, its error is at most (N − 1)·u·Σ_n |t_n|.
+    Where the sum cancels (a random-sign upstream makes Σ_n g_n (r_nk − π_k) ~1e-4 of its terms
+    about once in 2000 elements) that, not the kernel, sets the attainable accuracy.  Returns
+    2·N·u·Σ_n |t_n| per element (``_point_terms``), or None when the Jacobian would be too
+    large."""
+    terms = _point_terms(ref_fn, args, upstream, index)
+    if terms is None:
+        return None
     u = 2.0 ** -53 if args[0].dtype == torch.float64 else 2.0 ** -24
-    return 2.0 * out.numel() * u * terms
+    return 2.0 * upstream.numel() * u * terms
 
 
 def check_against_reference(p: dict, covariance_type: str, backend: str, op: str = "log_prob",
@@ -291,7 +319,7 @@ def check_against_reference(p: dict, covariance_type: str, backend: str, op: str
             assert name == "logits" and target is not None and (a is None or torch.all(a == 0)), name
         else:
             assert a.shape == b.shape and a.dtype == p[name].dtype, name
-    _check_gradients(ref_fn, args, up, ga, gb, bar.grad, f"{backend} {op} {cov}")
+    _check_gradients(ref_fn, args, up, ga, gb, bar.grad, f"{backend} {op} {cov}", underflow=op == "ngmg")
     return out
 
 
@@ -459,6 +487,33 @@ def extreme_problem(covariance_type: str, N: int, K: int, D: int, *, seed: int =
     x = means[j] + dist * u
     out = dict(x=x, means=means, prec_chol=prec, logits=logits)
     return {k: v.to(dtype) for k, v in out.items()}
+
+
+def large_normalizer_problem(covariance_type: str, *, seed: int = 0, N: int = 8, K: int = 17,
+                             D: int = 129, dtype: torch.dtype = torch.float32):
+    """The extreme-values issue's item V: NGMG where c = log Σ_k π_k N(μ_k; μ_k, Σ_k) is in the
+    hundreds (D = 129, 1/σ from 10 to 30 per component: c from 180 to 320) and the points lie
+    within a fraction of a σ of a mean (log p ≈ c for the sharpest components).  log p − c
+    cancels there: evaluated as such, float32 rounding of log p (|c|·u) was p̃'s relative
+    error, 1e-5 to 7e-5.
+    Returns (problem dict, target [N]: the component each point was drawn near)."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64, generator=g)
+    s = 10 * 3 ** torch.rand(K, **f64)
+    if covariance_type == "spherical":
+        prec = s
+    elif covariance_type == "diag":
+        prec = s[:, None] * (0.8 + 0.4 * torch.rand(K, D, **f64))
+    elif covariance_type == "full":
+        prec = s[:, None, None] * (torch.eye(D, dtype=torch.float64) + 0.05 * torch.randn(K, D, D, **f64).triu(1))
+    else:
+        raise ValueError(f"large_normalizer_problem covers diag, spherical, full; got {covariance_type!r}")
+    means = torch.randn(K, D, **f64)
+    logits = torch.randn(K, **f64)
+    j = torch.randint(0, K, (N,), generator=g)
+    x = means[j] + 0.3 / s[j][:, None] * torch.randn(N, D, **f64) / D ** 0.5
+    out = dict(x=x, means=means, prec_chol=prec, logits=logits)
+    return {k: v.to(dtype) for k, v in out.items()}, j
 
 
 FULL_FAR_KINDS = ("eye", "mixed signs", "both")

@@ -71,7 +71,7 @@ from torch import Tensor
 
 from fastgmmdiff._autograd import register_log_prob_op, register_target_op
 from fastgmmdiff._dispatch import _triton_interpreted as interpreted
-from fastgmmdiff._math import acc_dtype, component_const, component_lognorm, finish_prec_grad
+from fastgmmdiff._math import acc_dtype, component_const, component_lognorm, finish_prec_grad, ngmg_const
 
 # (A constant read inside a @triton.jit function must be a tl.constexpr: Triton's compiler
 # rejects a plain module-level float, its CPU interpreter does not — tests/test_triton_compile.py.)
@@ -798,13 +798,18 @@ def _blocks(cov: str, D: int, acc: torch.dtype = torch.float32) -> dict:
     return dict(BLOCK_N=32, BLOCK_K=8 if acc == torch.float64 else 16, BLOCK_D=bd, num_warps=4)
 
 
-def _constants(means, prec, logits, cov, acc):
-    """a_k = log π_k + log|U_k| − D/2 log 2π, [G, K] in the accumulation dtype."""
-    return component_const(prec.to(acc), logits.to(acc), cov, means.shape[-1]).contiguous()
+def _constants(means, prec, logits, cov, acc, normalize=False):
+    """a_k = log π_k + log|U_k| − D/2 log 2π, [G, K] in the accumulation dtype; ``normalize``:
+    a_k − c, NGMG's normaliser inside (``_math.ngmg_const``)."""
+    const = ngmg_const if normalize else component_const
+    return const(prec.to(acc), logits.to(acc), cov, means.shape[-1]).contiguous()
 
 
-def _target_consts(means, prec, cov, acc):
-    """c_k = log|U_k| − D/2 log 2π, [G, K] in the accumulation dtype."""
+def _target_consts(means, prec, cov, acc, normalize=False):
+    """c_k = log|U_k| − D/2 log 2π, [G, K] in the accumulation dtype; 0 with ``normalize``
+    (NGMG's log p̃ = −½q_t: the log-normaliser is never added, so never cancelled)."""
+    if normalize:
+        return torch.zeros(means.shape[:2], dtype=acc, device=means.device)
     return component_lognorm(prec.to(acc), cov, means.shape[-1]).contiguous()
 
 
@@ -819,13 +824,14 @@ def _strides(x, means, prec, cov, G):
     return sxg, D, K * D, D, K * D, D
 
 
-def log_prob_fwd(x, means, prec, logits, cov):
-    """log p ``[G, N]`` in the accumulation dtype (canonical layout)."""
+def log_prob_fwd(x, means, prec, logits, cov, normalize=False):
+    """log p ``[G, N]`` in the accumulation dtype (canonical layout); ``normalize``: NGMG's
+    log p̃ = log p − c, with c inside the logsumexp."""
     G, K, D = means.shape
     N = x.shape[1]
     _, acc = _acc(x.dtype)
     x, means, prec = x.contiguous(), means.contiguous(), prec.contiguous()
-    a = _constants(means, prec, logits, cov, acc)
+    a = _constants(means, prec, logits, cov, acc, normalize)
     out = torch.empty(G, N, dtype=acc, device=x.device)
     if N == 0 or G == 0:
         return out
@@ -871,15 +877,16 @@ def _splits(N, K, D, G, cov, block_n, block_k, elem):
     return max(1, min(want, triton.cdiv(N, block_n), _PARTIAL_BYTES // max(per, 1)))
 
 
-def log_prob_bwd(grad, x, means, prec, logits, logp, cov):
-    """Gradients (x, means, prec_chol, logits) of Σ grad·log p, each in its input's dtype."""
+def log_prob_bwd(grad, x, means, prec, logits, logp, cov, normalize=False):
+    """Gradients (x, means, prec_chol, logits) of Σ grad·log p, each in its input's dtype
+    (``normalize``: for the saved log p̃ of ``log_prob_fwd``; the same gradients)."""
     in_dtypes = [t.dtype for t in (x, means, prec, logits)]
     G, K, D = means.shape
     Gx, N, _ = x.shape
     acc_tl, acc = _acc(x.dtype)
     x, means, prec = x.contiguous(), means.contiguous(), prec.contiguous()
     p = prec.to(acc).triu() if cov == "full" else prec.to(acc)
-    a = _constants(means, prec, logits, cov, acc)
+    a = _constants(means, prec, logits, cov, acc, normalize)
     live = torch.isfinite(logp)
     g = torch.where(live, grad.to(acc), 0.0).contiguous()
     lp = logp.to(acc).contiguous()
@@ -955,8 +962,8 @@ def _target_segments(target, K):
     return perm, offsets
 
 
-def log_prob_target_fwd(x, means, prec, target, cov):
-    """log N(x_n; μ_t, Σ_t) [G, N] for t = target [G, N]."""
+def log_prob_target_fwd(x, means, prec, target, cov, normalize=False):
+    """log N(x_n; μ_t, Σ_t) [G, N] for t = target [G, N]; −½q_t with ``normalize``."""
     G, K, D = means.shape
     N = x.shape[1]
     acc_tl, acc = _acc(x.dtype)
@@ -964,7 +971,7 @@ def log_prob_target_fwd(x, means, prec, target, cov):
     out = torch.empty(G, N, dtype=acc, device=x.device)
     if N == 0 or G == 0:
         return out
-    c = _target_consts(means, prec, cov, acc)
+    c = _target_consts(means, prec, cov, acc, normalize)
     sxg, sxn, smg, smk, spg, spk = _strides(x, means, prec, cov, G)
     if cov == "full":
         b = _blocks(cov, D, acc)
@@ -980,7 +987,7 @@ def log_prob_target_fwd(x, means, prec, target, cov):
     return out
 
 
-def log_prob_target_bwd(grad, x, means, prec, target, logp, cov):
+def log_prob_target_bwd(grad, x, means, prec, target, logp, cov, normalize=False):
     """Gradients (x, means, prec_chol) of Σ grad·log N(x_n; μ_t, Σ_t): per-point terms from one
     kernel, summed per component by the fixed-order segment sum (sorted by target: no atomics)."""
     in_dtypes = [t.dtype for t in (x, means, prec)]
@@ -1033,14 +1040,15 @@ def log_prob_target_bwd(grad, x, means, prec, target, logp, cov):
 
 @torch.library.triton_op("fastgmmdiff::log_prob_triton", mutates_args=())
 def log_prob_triton(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
-                    covariance_type: str) -> Tensor:
-    return log_prob_fwd(x, means, prec_chol, logits, covariance_type)
+                    covariance_type: str, normalize: bool = False) -> Tensor:
+    return log_prob_fwd(x, means, prec_chol, logits, covariance_type, normalize)
 
 
 @torch.library.triton_op("fastgmmdiff::log_prob_triton_backward", mutates_args=())
 def log_prob_triton_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
-                             logp: Tensor, covariance_type: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return log_prob_bwd(grad, x, means, prec_chol, logits, logp, covariance_type)
+                             logp: Tensor, covariance_type: str, normalize: bool = False
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return log_prob_bwd(grad, x, means, prec_chol, logits, logp, covariance_type, normalize)
 
 
 # triton_op derives the fake (meta) implementations by tracing the host code; only autograd is
@@ -1050,14 +1058,15 @@ register_log_prob_op("fastgmmdiff::log_prob_triton", "fastgmmdiff::log_prob_trit
 
 @torch.library.triton_op("fastgmmdiff::log_prob_target_triton", mutates_args=())
 def log_prob_target_triton(x: Tensor, means: Tensor, prec_chol: Tensor, target: Tensor,
-                           covariance_type: str) -> Tensor:
-    return log_prob_target_fwd(x, means, prec_chol, target, covariance_type)
+                           covariance_type: str, normalize: bool = False) -> Tensor:
+    return log_prob_target_fwd(x, means, prec_chol, target, covariance_type, normalize)
 
 
 @torch.library.triton_op("fastgmmdiff::log_prob_target_triton_backward", mutates_args=())
 def log_prob_target_triton_backward(grad: Tensor, x: Tensor, means: Tensor, prec_chol: Tensor, target: Tensor,
-                                    logp: Tensor, covariance_type: str) -> tuple[Tensor, Tensor, Tensor]:
-    return log_prob_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type)
+                                    logp: Tensor, covariance_type: str, normalize: bool = False
+                                    ) -> tuple[Tensor, Tensor, Tensor]:
+    return log_prob_target_bwd(grad, x, means, prec_chol, target, logp, covariance_type, normalize)
 
 
 register_target_op("fastgmmdiff::log_prob_target_triton", "fastgmmdiff::log_prob_target_triton_backward",

@@ -288,9 +288,10 @@ def test_opcheck_api_layout_and_fused_ngmg(cov, G):
     for t in (None, target):
         for normalize in (True, False):
             torch.library.opcheck(ops.ngmg, (*args, t, cov, normalize))
-        loss, lp = ops.ngmg(*args, t, cov, True)
-        torch.library.opcheck(ops.ngmg_backward, (torch.randn_like(loss), *(a.detach() for a in args), t,
-                                                  loss.detach(), lp, cov))
+        for normalize in (True, False):
+            loss, lp = ops.ngmg(*args, t, cov, normalize)
+            torch.library.opcheck(ops.ngmg_backward, (torch.randn_like(loss), *(a.detach() for a in args), t,
+                                                      loss.detach(), lp, cov, normalize))
 
 
 def test_shared_parameters_get_gradients_summed_over_mixtures():
@@ -325,4 +326,4 @@ def test_fused_ngmg_rejects_a_target_without_the_mixture_axis():
     with pytest.raises(ValueError, match="target holds 5"):
         ops.ngmg(x, m, s, lg, torch.tensor([0, 1, 5, 0]), "diag", True)
     with pytest.raises(RuntimeError, match="loss and logp must have one shape"):
-        ops.ngmg_backward(torch.ones(4), x, m, s, lg, None, torch.ones(4), torch.ones(3), "diag")
+        ops.ngmg_backward(torch.ones(4), x, m, s, lg, None, torch.ones(4), torch.ones(3), "diag", True)

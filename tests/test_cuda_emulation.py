@@ -25,7 +25,8 @@ import torch
 from fastgmmdiff import reference
 from fastgmmdiff.testing import (FULL_FAR_KINDS, LOOSEN_CAP, assert_close_per_element, bars, check_far_point,
                                  elementwise_error, far_point_cases, far_point_problem, far_rows_problem,
-                                 full_far_rows_problem, huge_density_problem, random_problem)
+                                 full_far_rows_problem, huge_density_problem, large_normalizer_problem,
+                                 random_problem)
 
 ROOT = Path(__file__).resolve().parents[1]
 COVS = ["diag", "spherical", "full"]
@@ -201,7 +202,7 @@ def test_ngmg(emu, cov, G, use_target, normalize, seed):
     t = torch.randint(0, 3, (64,) if G is None else (G, 64), generator=gen) if use_target else None
     loss, saved = emu.ngmg(x, m, p, lg, t, cov, normalize)
     up = torch.randn(loss.shape, generator=gen, dtype=torch.float64)
-    grads = emu.ngmg_backward(up.float(), x, m, p, lg, t, loss, saved, cov)
+    grads = emu.ngmg_backward(up.float(), x, m, p, lg, t, loss, saved, cov, normalize)
     a64 = [a.detach().double().requires_grad_() for a in (x, m, p, lg)]
     ref = reference.ngmg_loss(*a64, cov, target=t, normalize=normalize, reduction="none")
     ref_grads = torch.autograd.grad(ref, a64, up, allow_unused=True)
@@ -211,7 +212,7 @@ def test_ngmg(emu, cov, G, use_target, normalize, seed):
     lc, sc = C.ngmg(x, m, p, lg, t, cov, normalize)
     agree(loss, lc, "loss", torch.float32, ref)
     agree(saved, sc, "saved log p", torch.float32)
-    for name, g, c, r in zip(ARGS, grads, C.ngmg_backward(up.float(), x, m, p, lg, t, lc, sc, cov), ref_grads):
+    for name, g, c, r in zip(ARGS, grads, C.ngmg_backward(up.float(), x, m, p, lg, t, lc, sc, cov, normalize), ref_grads):
         agree(g, c, name, torch.float32, r)
 
 
@@ -229,8 +230,8 @@ def test_target_with_shared_x(emu, cov, seed):
     (le, se), (lc, sc) = emu.ngmg(x, m, p, lg, t, cov, False), C.ngmg(x, m, p, lg, t, cov, False)
     agree(le, lc, "loss", torch.float32, ref)
     agree(se, sc, "log N", torch.float32, torch.log(-ref))
-    for name, a, b, r in zip(ARGS, emu.ngmg_backward(g.float(), x, m, p, lg, t, le, se, cov),
-                             C.ngmg_backward(g.float(), x, m, p, lg, t, lc, sc, cov), ref_grads):
+    for name, a, b, r in zip(ARGS, emu.ngmg_backward(g.float(), x, m, p, lg, t, le, se, cov, False),
+                             C.ngmg_backward(g.float(), x, m, p, lg, t, lc, sc, cov, False), ref_grads):
         agree(a, b, name, torch.float32, r)
 
 
@@ -276,12 +277,33 @@ def test_ngmg_without_normalisation_at_a_huge_density(emu):
     p, exact = huge_density_problem()
     args = [p[k] for k in ARGS]
     loss, saved = emu.ngmg(*args, None, "spherical", False)
-    grads = emu.ngmg_backward(torch.ones_like(loss), *args, None, loss, saved, "spherical")
+    grads = emu.ngmg_backward(torch.ones_like(loss), *args, None, loss, saved, "spherical", False)
     bar = bars(torch.float32)
     assert_close_per_element(loss.double(), exact[0], bar.value, "loss")
     for name, g, e in zip(ARGS, grads, exact[1:] + (torch.zeros(1, dtype=torch.float64),)):
         assert bool(torch.isfinite(g).all()), (name, g)
         assert_close_per_element(g.double(), e, bar.grad, f"d/d{name}")
+
+
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("use_target", [False, True], ids=["mixture", "target"])
+def test_ngmg_value_with_a_large_normaliser(emu, cov, use_target, seed):
+    """tests/test_extremes.py's reproducer V (|c| in the hundreds, points near a mean): the
+    normalised NGMG value within the float32 bar of float64 — the normaliser inside the
+    logsumexp (ops.h ngmg_const), −½q_t with a target — and gradients as the CPU kernels'."""
+    p, j = large_normalizer_problem(cov, seed=seed, N=48, D=40 if cov == "full" else 129)
+    x, m, pr, lg = (p[k] for k in ARGS)
+    t = j if use_target else None
+    loss, saved = emu.ngmg(x, m, pr, lg, t, cov, True)
+    a64 = [a.detach().double().requires_grad_() for a in (x, m, pr, lg)]
+    ref = reference.ngmg_loss(*a64, cov, target=t, reduction="none")
+    assert_close_per_element(loss, ref, bars(torch.float32).value, "NGMG")
+    up = torch.ones_like(loss)
+    ref_grads = torch.autograd.grad(ref, a64, up.double(), allow_unused=True)
+    lc, sc = _cpu().ngmg(x, m, pr, lg, t, cov, True)
+    grads = emu.ngmg_backward(up, x, m, pr, lg, t, loss, saved, cov, True)
+    for name, g, c, r in zip(ARGS, grads, _cpu().ngmg_backward(up, x, m, pr, lg, t, lc, sc, cov, True), ref_grads):
+        agree(g, c, name, torch.float32, r)
 
 
 @pytest.mark.parametrize("cov", COVS)
@@ -359,7 +381,7 @@ def test_empty_mixture_batch(emu, cov, seed):
     t = torch.zeros(0, 10, dtype=torch.long)
     loss, saved = emu.ngmg(x[:0], m[:0], p[:0], lg[:0], t, cov, True)
     assert loss.shape == (0, 10)
-    emu.ngmg_backward(loss, x[:0], m[:0], p[:0], lg[:0], t, loss, saved, cov)
+    emu.ngmg_backward(loss, x[:0], m[:0], p[:0], lg[:0], t, loss, saved, cov, True)
 
 
 @pytest.mark.parametrize("cov", COVS)
@@ -376,7 +398,7 @@ def test_out_of_range_target_is_never_read(emu, cov, seed):
     ok[1, 4] = ok[0, 7] = False
     assert lp[~ok].isnan().all() and loss[~ok].isnan().all()
     assert torch.equal(lp[ok], emu.ngmg(x, m, p, lg, t, cov, False)[1][ok])
-    gx = emu.ngmg_backward(torch.ones_like(lp), x, m, p, lg, bad, loss, lp, cov)[0]
+    gx = emu.ngmg_backward(torch.ones_like(lp), x, m, p, lg, bad, loss, lp, cov, False)[0]
     assert gx[1, 4].isnan().all() and gx[0, 7].isnan().all() and torch.isfinite(gx[ok]).all()
     loss, saved = emu.ngmg(x, m, p, lg, bad, cov, True)
     assert loss[~ok].isnan().all() and torch.isfinite(loss[ok]).all()
@@ -404,7 +426,7 @@ def test_nondeterministic_paths_tell_torch(emu, seed):
         with pytest.raises(RuntimeError, match="fastgmmdiff CUDA log_prob backward"):
             emu.log_prob_backward(torch.ones_like(lp), x, m, p, lg, lp, "diag")
         with pytest.raises(RuntimeError, match="fastgmmdiff CUDA NGMG-with-target backward"):
-            emu.ngmg_backward(torch.ones_like(tlp), x, m, p, lg, t, tloss, tlp, "diag")
+            emu.ngmg_backward(torch.ones_like(tlp), x, m, p, lg, t, tloss, tlp, "diag", False)
     finally:
         torch.use_deterministic_algorithms(was)
 

@@ -14,7 +14,8 @@ import torch
 import fastgmmdiff as fg
 from fastgmmdiff.testing import (FULL_FAR_KINDS, assert_close_per_element, bars, check_against_reference,
                                  check_dead_rows, check_far_point, extreme_problem, far_point_cases, far_point_problem,
-                                 full_far_rows_problem, huge_density_problem, random_problem)
+                                 full_far_rows_problem, huge_density_problem, large_normalizer_problem,
+                                 random_problem)
 
 ARGS = ("x", "means", "prec_chol", "logits")
 
@@ -71,14 +72,29 @@ def test_ngmg_without_normalisation_at_a_huge_density(backend):
 
 
 @pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
+@pytest.mark.parametrize("use_target", [False, True], ids=["mixture", "target"])
+def test_ngmg_value_with_a_large_normaliser(cov, use_target, seed, backend):
+    """Reproducer V: |c| in the hundreds, points near a mean.  The NGMG value (and its
+    gradients) within the float32 bars: the normaliser is inside the logsumexp (a_k − c formed
+    from ratios, _math.ngmg_const), and with a target the log-normaliser is never added (−½q_t).
+    As log p − c the values were 1e-5 to 7e-5 off (cpu, torch, triton; 6.8× the bar)."""
+    D = 40 if cov == "full" else 129
+    p, j = large_normalizer_problem(cov, seed=seed, N=48, D=D)
+    check_against_reference({k: v.requires_grad_() for k, v in p.items()}, cov, backend, op="ngmg",
+                            target=j if use_target else None, upstream="ones")
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
 @pytest.mark.parametrize("D", [1, 3, 17, 129])
-def test_random_extremes_against_float64(cov, D, seed, backend):
+@pytest.mark.parametrize("op", ["log_prob", "ngmg"])
+def test_random_extremes_against_float64(cov, D, op, seed, backend):
     """testing.extreme_problem (far points 1e3–1e20, precisions 1e-4–1e4, tied components; a
-    fresh problem each run): log p and every gradient against float64 within the bars.  (Its
-    first run showed the float64 oracle itself wrong far out: torch.logsumexp's backward took
-    the rounding of log p, K× too steep for K tied components; reference.logsumexp fixed it.
-    NGMG values are not held here yet: with |c| in the hundreds (D = 129) they miss the 1e-5
-    bar by up to 3.4×, the extreme-values issue's item V.)  The upstream is all ones: with a
+    fresh problem each run): log p, the (normalised) NGMG loss and every gradient against
+    float64 within the bars.  (Its first run showed the float64 oracle itself wrong far out:
+    torch.logsumexp's backward took the rounding of log p, K× too steep for K tied components;
+    reference.logsumexp fixed it.  NGMG values missed the 1e-5 bar by up to 3.4× at D = 129
+    until the normaliser went inside the logsumexp, item V; and the CPU's flushed w·z of a
+    p̃ = 4e-37 point lost a normal ∂x of 1e-34 until gmm_math.h weighted_lz.)  The upstream is all ones: with a
     random-sign one, the logits gradient Σ g (r − π), formed as Σ g r − π Σ g by every
     implementation (plain PyTorch's log_softmax backward included), cancels by chance to 1e-6
     of its terms where far points give tied components r ≈ π — float32 summation, not the
@@ -86,7 +102,7 @@ def test_random_extremes_against_float64(cov, D, seed, backend):
     if backend == "triton" and D == 129:
         pytest.skip("too slow under Triton's CPU interpreter (D = 17 covers its chunked paths)")
     p = extreme_problem(cov, N=12, K=4, D=D, seed=seed)
-    check_against_reference({k: v.requires_grad_() for k, v in p.items()}, cov, backend, upstream="ones")
+    check_against_reference({k: v.requires_grad_() for k, v in p.items()}, cov, backend, op=op, upstream="ones")
 
 
 @pytest.mark.parametrize("cov", ["diag", "spherical", "full"])

@@ -84,17 +84,6 @@ void run_consts(const T* lg, const T* pr, int cov, int64_t G, int64_t K, int64_t
 }
 
 template <typename T>
-void run_lse_rows(const T* x, int64_t G, int64_t K, T* lse) {
-  switch (current_isa()) {
-#if defined(__x86_64__)
-    case kAvx512: return avx512::lse_rows(x, G, K, lse);
-    case kAvx2: return avx2::lse_rows(x, G, K, lse);
-#endif
-    default: return baseline::lse_rows(x, G, K, lse);
-  }
-}
-
-template <typename T>
 void run_exp_rows(const T* x, const T* c, int64_t G, int64_t K, T* out) {
   switch (current_isa()) {
 #if defined(__x86_64__)
@@ -171,22 +160,25 @@ int64_t work_per_item(const Prepared& r) {
   return kTile * r.K * per_k * ((r.Gx == 1 && r.G > 1) ? r.G : 1);
 }
 
-// logsumexp over the last axis of a contiguous [G, K] tensor, vectorised.
-at::Tensor logsumexp_rows(const at::Tensor& a) {
-  at::Tensor out = at::empty({a.size(0)}, a.options());
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastgmmdiff_logsumexp_rows", [&] {
-    run_lse_rows(a.data_ptr<scalar_t>(), a.size(0), a.size(1), out.data_ptr<scalar_t>());
-  });
-  return out;
-}
-
 // Optional inputs of the fused NGMG (see Problem): target [G, N] (canonical, int64), and in
 // backward the per-point scale of the upstream gradient (the saved loss).
 struct Fused {
   at::Tensor target, scale;
   bool ngmg = false;  // forward: also write the loss
-  bool normalize = true;
+  bool normalize = false;
 };
+
+// The fused NGMG's constants (forward and backward alike): with a target, the target
+// component's log-normaliser, or 0 for the normalised p̃ = exp(−½q_t); without one, normalised,
+// a_k − c (ngmg_const: the logsumexp then gives log p̃ itself, never log p − c, whose
+// rounding at |c| ~ hundreds would be p̃'s relative error).  The logits' gradient keeps using
+// r.lse (π), which the shift does not touch.
+void ngmg_constants(Prepared& r, const Fused& f) {
+  if (f.target.defined())
+    r.a = f.normalize ? at::zeros_like(r.a) : component_consts_t(at::Tensor(), r.prec, r.cov, r.G, r.K, r.D);
+  else if (f.normalize)
+    r.a = ngmg_const(r.prec, r.logits, r.cov, r.D);
+}
 
 // log p (or a_t − ½q_t with a target) [G, N] and, for the fused NGMG, the loss [G, N].
 std::tuple<at::Tensor, at::Tensor> forward_impl(Prepared& r, const Fused& f) {
@@ -198,21 +190,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(Prepared& r, const Fused& f) {
   // Threads only when each gets ≥ ~2^18 element-operations: below that, waking the pool costs
   // more than it saves (the latency-regime workloads).
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, work_per_item(r)));
-  // a_t with a target: the target component's log-normaliser, or 0 for the normalised p̃
-  // (SPEC §2).
-  if (has_t)
-    r.a = f.normalize ? at::zeros_like(r.a) : component_consts_t(at::Tensor(), r.prec, r.cov, r.G, r.K, r.D);
-  // The fused NGMG's c_g = logsumexp_k a_gk (no target, normalised), else 0.
-  at::Tensor cshift;
-  if (f.ngmg)
-    cshift = (!has_t && f.normalize) ? logsumexp_rows(r.a) : at::zeros({r.G}, r.a.options());
+  if (f.ngmg) ngmg_constants(r, f);
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_cpu", [&] {
     Problem<scalar_t> p = problem<scalar_t>(r);
     if (has_t) p.target = f.target.data_ptr<int64_t>();
-    if (f.ngmg) {
-      p.loss = loss.data_ptr<scalar_t>();
-      p.cshift = cshift.data_ptr<scalar_t>();
-    }
+    if (f.ngmg) p.loss = loss.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) { run_fwd(p, o, b, e); });
   });
@@ -378,18 +360,8 @@ std::tuple<at::Tensor, at::Tensor> ngmg_cpu(const at::Tensor& x, const at::Tenso
                                             c10::string_view covariance_type, bool normalize) {
   Prepared r = prepare(x, means, prec, logits, covariance_type);
   if (has(target) && r.K > kTargetTileMaxK) {
-    // Many components: gather the target's (log_prob_target), then the loss in a loop.
-    at::Tensor lt = log_prob_target_cpu(x, means, prec, *target, covariance_type);
-    const at::Tensor t = canonical_target(r, *target, x, means, prec);
-    at::Tensor lp = canonical_rows(lt, r.v).contiguous();
-    const at::Tensor c = normalize ? component_consts_t(at::Tensor(), r.prec, r.cov, r.G, r.K, r.D) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES(lp.scalar_type(), "fastgmmdiff_ngmg_target_cpu", [&] {
-      scalar_t* l = lp.data_ptr<scalar_t>();
-      const scalar_t* cp = c.defined() ? c.data_ptr<scalar_t>() : nullptr;
-      const int64_t* tp = t.data_ptr<int64_t>();
-      if (cp != nullptr)
-        for (int64_t i = 0; i < r.G * r.N; ++i) l[i] -= cp[(i / r.N) * r.K + tp[i]];
-    });
+    // Many components: the target's own (log_prob_target: −½q_t when normalised), then the loss.
+    at::Tensor lp = canonical_rows(log_prob_target_cpu(x, means, prec, *target, covariance_type, normalize), r.v);
     FlushDenormals ftz;
     at::Tensor loss = lp.exp().neg_();
     return {api_rows(loss, r.v), api_rows(lp, r.v)};
@@ -408,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor> ngmg_cpu(const at::Tensor& x, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngmg_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& logits, const c10::optional<at::Tensor>& target, const at::Tensor& loss,
-    const at::Tensor& logp, c10::string_view covariance_type) {
+    const at::Tensor& logp, c10::string_view covariance_type, bool normalize) {
   Prepared r = prepare(x, means, prec, logits, covariance_type);
   FGD_CHECK(loss.sizes() == logp.sizes(), "loss and logp must have one shape, got ", loss.sizes(), " and ",
             logp.sizes());
@@ -418,10 +390,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngmg_backward_cpu(
   }
   Fused f;
   f.scale = loss;
+  f.normalize = normalize;
   if (has(target)) {
     f.target = canonical_target(r, *target, x, means, prec);
     check_target_range(f.target, r.K);
   }
+  ngmg_constants(r, f);  // the forward's constants: the saved logp is relative to them
   auto gr = backward_impl(r, grad, logp, f);
   return {fit_grad(std::get<0>(gr), x), fit_grad(std::get<1>(gr), means), fit_grad(std::get<2>(gr), prec),
           fit_grad(std::get<3>(gr), logits)};

@@ -29,9 +29,10 @@ constexpr int kTile = 64;
 //   target [G, N]: one component per point: forward gives a_t − ½q_t, backward takes r = 1 for
 //     the target and 0 elsewhere (the callers set a_k to the component's log-normaliser, or to
 //     0 for the normalised p̃);
-//   loss (fwd output, [G, N]) = −exp(out − cshift[g]), the per-point NGMG loss;
-//   scale (bwd input, [G, N]): the upstream gradient of log p is grad·scale (scale = the loss:
-//     ∂(−exp(log p − c))/∂log p = −p̃).
+//   loss (fwd output, [G, N]) = −exp(out), the per-point NGMG loss (for the normalised NGMG
+//     the callers put the normaliser into a: a_k − c, and out is log p̃);
+//   scale (bwd input, [G, N]): the upstream gradient of out is grad·scale (scale = the loss:
+//     ∂(−exp(out))/∂out = −p̃).
 template <typename T>
 struct Problem {
   int64_t G, Gx, N, K, D;
@@ -42,7 +43,6 @@ struct Problem {
   const T* a;
   const int64_t* target = nullptr;
   T* loss = nullptr;
-  const T* cshift = nullptr;
   const T* scale = nullptr;
 };
 
@@ -84,7 +84,6 @@ inline bool use_one_point(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, 
 // shared x (Gx == 1 < G): item i = tile i, every g inside (so gx rows have one owner).
 // consts: a [G, K] = log π_k + Σ_d log U_k[d,d] − D/2 log 2π (without log π when logits is
 //   null) and lse [G] = logsumexp_k logits (written when logits is not null), vectorised.
-// lse_rows: lse [G] = logsumexp_k x[g, k].
 // exp_rows: out [G, K] = exp(x − c[g]).
 // fwd: log p for items [begin, end) into out [G, N].
 // bwd: gx rows of those items (written, not accumulated), and `acc` += their parameter sums.
@@ -102,8 +101,6 @@ inline bool use_one_point(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, 
               float* lse);                                                                     \
   void consts(const double* logits, const double* prec, int cov, int64_t G, int64_t K, int64_t D,        \
               double* a, double* lse);                                                         \
-  void lse_rows(const float* x, int64_t G, int64_t K, float* lse);                              \
-  void lse_rows(const double* x, int64_t G, int64_t K, double* lse);                            \
   void exp_rows(const float* x, const float* c, int64_t G, int64_t K, float* out);             \
   void exp_rows(const double* x, const double* c, int64_t G, int64_t K, double* out);          \
   void fwd_one(const Problem<float>& p, const float* logits, float* out, int64_t b, int64_t e);  \

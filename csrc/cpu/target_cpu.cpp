@@ -27,8 +27,10 @@ struct TPrepared : Canonical {
   Views v;
 };
 
+// c: each component's log-normaliser, or 0 with `normalize` (NGMG's p̃ = exp(−½q_t): the
+// log-normaliser never added, so never cancelled).
 TPrepared tprepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-                   const at::Tensor& target, c10::string_view covariance_type) {
+                   const at::Tensor& target, c10::string_view covariance_type, bool normalize = false) {
   const int cov = parse_cov(covariance_type);
   Views v = canonical_views(x, means, prec, target, cov, true);
   check_points_and_params(v.x, v.means, v.prec, cov);
@@ -39,7 +41,8 @@ TPrepared tprepare(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   r.target = v.last.contiguous();
   r.v = v;
   check_target_range(r.target, r.K);
-  r.c = component_consts_t(at::Tensor(), r.prec, cov, r.G, r.K, r.D);
+  r.c = normalize ? at::zeros({r.G, r.K}, r.prec.options())
+                  : component_consts_t(at::Tensor(), r.prec, cov, r.G, r.K, r.D);
   return r;
 }
 
@@ -85,8 +88,8 @@ void check_target_range(const at::Tensor& target, int64_t K) {
 }
 
 at::Tensor log_prob_target_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-                               const at::Tensor& target, c10::string_view covariance_type) {
-  TPrepared r = tprepare(x, means, prec, target, covariance_type);
+                               const at::Tensor& target, c10::string_view covariance_type, bool normalize) {
+  TPrepared r = tprepare(x, means, prec, target, covariance_type, normalize);
   at::Tensor out = at::empty({r.G, r.N}, r.x.options());
   if (r.N == 0) return api_rows(out, r.v);
   const int64_t ps = prec_stride(r.cov, r.D);

@@ -1,5 +1,6 @@
 // CPU entry points of the one-component-per-point path (target_cpu.cpp): log N(x_n; μ_t, Σ_t)
-// and its backward, used by the fused NGMG (log_prob_cpu.cpp) when K is large.
+// (or −½q_t with `normalize`) and its backward, used by the fused NGMG (log_prob_cpu.cpp) when
+// K is large.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +15,7 @@ namespace cpu {
 void check_target_range(const at::Tensor& target, int64_t K);
 
 at::Tensor log_prob_target_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-                               const at::Tensor& target, c10::string_view covariance_type);
+                               const at::Tensor& target, c10::string_view covariance_type, bool normalize);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,

@@ -382,14 +382,23 @@ int device_index(const at::Tensor& t) { return t.is_cpu() ? 0 : t.device().index
 
 size_t device_smem_optin(int device) { return smem_optin(device); }
 
-at::Tensor log_prob_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-                         const at::Tensor& logits, c10::string_view covariance_type) {
+namespace {
+
+// The constants a_k, or with `normalize` a_k − c (the fused NGMG: log p̃ from the logsumexp
+// itself, ops.h ngmg_const).
+at::Tensor constants(const Prep& r, const at::Tensor& logits, int cov, bool normalize) {
+  return normalize ? ngmg_const(r.prec, logits, cov, r.D) : component_const(r.prec, logits, cov, r.D);
+}
+
+// log p [G, N] (API rows), or log p̃ with `normalize`.
+at::Tensor forward(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec, const at::Tensor& logits,
+                   c10::string_view covariance_type, bool normalize) {
   const int cov = parse_cov(covariance_type);
   const Views v = canonical_views(x, means, prec, logits, cov, false);
   check_layout(v.x, v.means, v.prec, v.last, cov);
   const DeviceGuard guard(x.device());
   Prep r = prep(v.x, v.means, v.prec, cov);
-  at::Tensor a = component_const(r.prec, v.last.to(r.x.scalar_type()), cov, r.D);
+  at::Tensor a = constants(r, v.last.to(r.x.scalar_type()), cov, normalize);
   at::Tensor out = at::empty({r.G, r.N}, r.x.options());
   if (r.N == 0 || r.G == 0) return api_rows(out, v);
   const int B = block_for(r.N);
@@ -408,9 +417,10 @@ at::Tensor log_prob_cuda(const at::Tensor& x, const at::Tensor& means, const at:
   return api_rows(out, v);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cuda(
+// Gradients of Σ grad·(log p or log p̃): `normalize` as the forward's, for its saved logp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-    const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
+    const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type, bool normalize) {
   const int cov = parse_cov(covariance_type);
   const Views v = canonical_views(x, means, prec, logits, cov, false);
   check_layout(v.x, v.means, v.prec, v.last, cov);
@@ -420,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cud
   at::Tensor g, lp;
   std::tie(g, lp) = backward_rows(grad, logp, v, r.G, r.N, acc);
   at::Tensor lg = v.last.to(acc).contiguous();
-  at::Tensor a = component_const(r.prec, lg, cov, r.D);
+  at::Tensor a = constants(r, lg, cov, normalize);
   at::Tensor pi = at::softmax(lg, -1).contiguous();
   at::Tensor gx = at::zeros_like(r.x), gmu = at::zeros_like(r.means), gprec = at::zeros_like(r.prec);
   at::Tensor glog = at::zeros_like(lg);
@@ -456,6 +466,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cud
   }
   // full: the kernel writes only the upper triangle of ∂U (gprec starts at zero).
   return {fit_grad(gx, x), fit_grad(gmu, means), fit_grad(gprec, prec), fit_grad(glog, logits)};
+}
+
+}  // namespace
+
+at::Tensor log_prob_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+                         const at::Tensor& logits, c10::string_view covariance_type) {
+  return forward(x, means, prec, logits, covariance_type, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
+    const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
+  return backward(grad, x, means, prec, logits, logp, covariance_type, false);
 }
 
 namespace {
@@ -524,36 +547,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cuda(
   return {fit_grad(gx, x), fit_grad(gmu, means), fit_grad(gprec, prec)};
 }
 
-// Fused NGMG on CUDA: the log-density ops above plus an element-wise epilogue in ATen (the
-// CPU build fuses the epilogue into its kernels).  Same contract as the CPU op (ops.cpp,
-// schemas.h): the saved logp is log p without a target (the backward recomputes the
-// responsibilities from it), and −½q_t (normalize) or log N(x; μ_t, Σ_t) with one.
+// Fused NGMG on CUDA: the log-density kernels above plus an element-wise epilogue in ATen (the
+// CPU build fuses the epilogue into its kernels).  Same contract as the CPU op (schemas.h): the
+// saved logp is log p̃ (normalize: c inside the logsumexp) or log p without a target (the
+// backward recomputes the responsibilities from it), and −½q_t (normalize) or log N(x; μ_t, Σ_t)
+// with one.
 std::tuple<at::Tensor, at::Tensor> ngmg_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
                                              const at::Tensor& logits, const c10::optional<at::Tensor>& target,
                                              c10::string_view covariance_type, bool normalize) {
   const int cov = parse_cov(covariance_type);
-  const int64_t D = means.size(-1);
   if (target.has_value() && target->defined()) {
     const at::Tensor lp = target_forward(x, means, prec, *target, cov, normalize);
     return {-lp.exp(), lp};
   }
-  const at::Tensor lp = log_prob_cuda(x, means, prec, logits, covariance_type);
-  if (!normalize) return {-lp.exp(), lp};
-  const auto acc = lp.scalar_type();
-  at::Tensor c = at::logsumexp(component_const(prec.to(acc), logits.to(acc), cov, D), {-1});
-  return {-(lp - (c.dim() == 1 ? c.unsqueeze(-1) : c)).exp(), lp};
+  const at::Tensor lp = forward(x, means, prec, logits, covariance_type, normalize);
+  return {-lp.exp(), lp};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngmg_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& logits, const c10::optional<at::Tensor>& target, const at::Tensor& loss,
-    const at::Tensor& logp, c10::string_view covariance_type) {
-  const at::Tensor gl = grad * loss;  // ∂(−exp(log p − c))/∂log p = −p̃ = loss
+    const at::Tensor& logp, c10::string_view covariance_type, bool normalize) {
+  const at::Tensor gl = grad * loss;  // ∂(−exp(logp))/∂logp = −p̃ = loss
   if (target.has_value() && target->defined()) {
     auto r = log_prob_target_backward_cuda(gl, x, means, prec, *target, logp, covariance_type);
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r), at::zeros_like(logits)};
   }
-  return log_prob_backward_cuda(gl, x, means, prec, logits, logp, covariance_type);
+  return backward(gl, x, means, prec, logits, logp, covariance_type, normalize);
 }
 
 }  // namespace cuda
