@@ -6,6 +6,7 @@
 
 #include <string>
 #include <tuple>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -223,6 +224,34 @@ inline at::Tensor ngmg_const(const at::Tensor& prec, const at::Tensor& logits, i
   at::Tensor diff = logits - logits.gather(-1, m);
   diff = diff + (cov == kSpherical ? lr.select(-1, 0) * static_cast<double>(D) : lr.sum(-1));
   return (diff - at::logsumexp(diff, {-1}, /*keepdim=*/true)).contiguous();
+}
+
+
+// NGMG without normalisation, loss = −p: p = exp(logp) can pass the dtype's largest value
+// (loss −inf, logp finite).  Such a row's gradient terms are p·(finite), so one backward with
+// upstream grad·loss gives inf·0 = NaN wherever a term is 0 (a coordinate at its mean; logits'
+// Σ(r − π) for one component) and loses every magnitude.  `bwd(scale)` runs the backward with
+// upstream grad·scale per row and returns the gradients; this runs it for the other rows and,
+// where a row overflowed, once more for those rows scaled by exp(−M) (M their largest logp),
+// then adds that part as sign·exp(log|·| + M): ±inf where the exact term is beyond the range,
+// the term itself where it is not, 0 where it is 0.  `look`: check for such rows first (a host
+// read: CPU tensors) and skip the split when there are none; otherwise the second pass always
+// runs (on a GPU without a sync; its weights are then all 0).  Normalised NGMG (p̃ ≤ 1) never
+// needs it.  fastgmmdiff/_autograd.py overflow_split is the same for the Python backends.
+template <class F>
+std::vector<at::Tensor> overflow_split(const at::Tensor& loss, const at::Tensor& logp, bool look, F bwd) {
+  const at::Tensor over = at::isinf(loss).logical_and_(at::isfinite(logp));
+  if (look && !over.any().item<bool>()) return bwd(loss);
+  std::vector<at::Tensor> fin = bwd(loss.masked_fill(over, 0));
+  at::Tensor M = at::where(over, logp, -std::numeric_limits<double>::infinity()).amax();
+  M = at::where(at::isfinite(M), M, at::zeros_like(M));
+  std::vector<at::Tensor> big = bwd(at::where(over, -(logp - M).exp(), at::zeros_like(logp)));
+  for (size_t i = 0; i < fin.size(); ++i) {
+    const at::Tensor b = big[i].to(logp.scalar_type());
+    const at::Tensor add = at::where(b == 0, at::zeros_like(b), b.sign() * (b.abs().log() + M).exp());
+    fin[i] = (fin[i].to(logp.scalar_type()) + add).to(fin[i].scalar_type());
+  }
+  return fin;
 }
 
 }  // namespace fastgmmdiff

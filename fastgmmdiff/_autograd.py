@@ -134,3 +134,53 @@ def _fake_ngmg_bwd(grad, x, means, prec_chol, logits, target, loss, logp, covari
 def register_ngmg_fakes(fwd_name: str, bwd_name: str) -> None:
     torch.library.register_fake(fwd_name)(_fake_ngmg)
     torch.library.register_fake(bwd_name)(_fake_ngmg_bwd)
+
+
+# --- NGMG without normalisation on the Python backends: loss = −p, which can overflow --------
+
+
+def overflow_split(loss, logp, look: bool, bwd):
+    """The gradients ``bwd(scale)`` (the backward with upstream grad·scale per row) for loss =
+    −exp(logp), safe where p passes the dtype's largest value (loss −inf, logp finite): the
+    other rows in one pass, those rows in a second one scaled by exp(−M) (M their largest
+    logp), added as sign·exp(log|·| + M): ±inf where the exact term is beyond the range, the
+    term where it is not, 0 where it is 0 (one pass would give inf·0 = NaN there).  ``look``:
+    skip the second pass when no row overflowed (a host read; CPU tensors); otherwise it always
+    runs (no sync; its weights are then 0).  csrc/ops.h overflow_split is the same in C++."""
+    over = torch.isinf(loss) & torch.isfinite(logp)
+    if look and not bool(over.any()):
+        return bwd(loss)
+    fin = bwd(loss.masked_fill(over, 0))
+    m = torch.where(over, logp, float("-inf")).amax()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    big = bwd(torch.where(over, -torch.exp(logp - m), torch.zeros_like(logp)))
+    out = []
+    for f, b in zip(fin, big):
+        b = b.to(logp.dtype)
+        add = torch.where(b == 0, torch.zeros_like(b), b.sign() * torch.exp(b.abs().log() + m))
+        out.append((f.to(logp.dtype) + add).to(f.dtype))
+    return tuple(out)
+
+
+class NegExpOfOp(torch.autograd.Function):
+    """loss = −exp(op(*tensors, *flags)) for a Python backend's op pair (``<op>`` and
+    ``<op>_backward``, schemas above), with ``overflow_split``'s backward: NGMG without
+    normalisation, whose −p can overflow where log p cannot.  The last tensor (logits, or an
+    integer target) gets no gradient when the backward returns one fewer."""
+
+    @staticmethod
+    def forward(ctx, op, flags, *tensors):
+        logp = op(*tensors, *flags)
+        loss = -torch.exp(logp)
+        ctx.op, ctx.flags = op, flags
+        ctx.save_for_backward(*tensors, loss, logp)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        *tensors, loss, logp = ctx.saved_tensors
+        ns, name = ctx.op._qualified_op_name.split("::")
+        bwd = getattr(getattr(torch.ops, ns), name + "_backward")
+        grads = overflow_split(loss, logp, loss.device.type == "cpu",
+                               lambda s: bwd((grad * s).contiguous(), *tensors, logp, *ctx.flags))
+        return (None, None, *grads, *([None] * (len(tensors) - len(grads))))

@@ -16,6 +16,8 @@ Canonical layout handed to the ops (G = number of mixtures, 1 when the caller ga
 
 Parameters given without a G axis are broadcast with ``expand`` (autograd sums their
 gradient back).  ``"tied"`` is turned into ``"full"`` with one U shared by all components.
+Half-precision (bf16/fp16) parameters that are expanded so are first upcast to float32, so that
+their gradient is summed in float32 and rounded to the input dtype once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 COVARIANCE_TYPES = ("diag", "spherical", "full", "tied")
 REDUCTIONS = ("mean", "sum", "none")
+_HALF = (torch.float16, torch.bfloat16)
 
 # Number of dimensions of prec_chol *without* the optional G axis.
 _PREC_NDIM = {"diag": 2, "spherical": 1, "full": 3, "tied": 2}
@@ -61,10 +64,14 @@ class Canonical:
             x, m, p, lg = self.api
             G, K, D = self.G, self.K, self.D
             pd = _PREC_NDIM[self.covariance_type]
+            # A parameter shared by G > 1 mixtures gets the sum of G gradients (expand's backward):
+            # bf16/fp16 ones are expanded in float32 so that the sum is formed there and rounded
+            # once (the ops take mixed dtypes and return each gradient in its input's dtype).
+            up = (lambda t: t.float()) if G > 1 and self.dtype in _HALF else (lambda t: t)
             x = x.unsqueeze(0) if x.dim() == 2 else x
-            m = m.expand(G, K, D) if m.dim() == 2 else m
-            p = p.expand((G,) + tuple(p.shape)) if p.dim() == pd else p
-            lg = lg.expand(G, K) if lg.dim() == 1 else lg
+            m = up(m).expand(G, K, D) if m.dim() == 2 else m
+            p = up(p).expand((G,) + tuple(p.shape)) if p.dim() == pd else p
+            lg = up(lg).expand(G, K) if lg.dim() == 1 else lg
             self._views = (x, m, p, lg)
         return self._views
 
@@ -169,6 +176,8 @@ def prepare(x, means, prec_chol, logits, covariance_type) -> Canonical:
             dtype = torch.promote_types(dtype, t.dtype)
         x, means, prec_chol, logits = (t.to(dtype) for t in (x, means, prec_chol, logits))
     if cov == "tied":  # one full factor, shared by the K components
+        if dtype in _HALF:  # its gradient sums K terms: in float32, rounded once (one dtype for the ops)
+            x, means, prec_chol, logits = (t.float() for t in (x, means, prec_chol, logits))
         prec_chol = prec_chol.unsqueeze(-3).expand(tuple(ps[:-2]) + (K, D, D))
         cov = "full"
     out_shape = (G, N) if gs else (N,)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch
+from . import _autograd, _checks, _dispatch
 from ._math import acc_dtype
 
 
@@ -180,9 +180,14 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
         loss = _empty_like_result(c, c.out_shape)
     elif b.api_layout:  # the compiled extension's fused NGMG (loss and its epilogue in the kernel)
         loss = torch.ops.fastgmmdiff.ngmg(*c.api, t, c.covariance_type, normalize)[0]
-    elif t is None:  # log p̃ (normalize) or log p from the backend's log-density op
-        loss = -torch.exp(_run_log_prob(c, b, normalize))
+    elif not normalize:  # −p, which can overflow: _autograd.NegExpOfOp keeps NaN out of the gradients
+        last = c.logits.contiguous() if t is None else t.reshape(c.G, c.N).contiguous()
+        op = b.op() if t is None else b.target_op()
+        loss = _autograd.NegExpOfOp.apply(op, (c.covariance_type, False), c.x.contiguous(), c.means.contiguous(),
+                                          c.prec_chol.contiguous(), last).reshape(c.out_shape)
+    elif t is None:  # log p̃ from the backend's log-density op
+        loss = -torch.exp(_run_log_prob(c, b, True))
     else:
-        loss = -torch.exp(_targeted_log_prob(c, b, t, normalize))
+        loss = -torch.exp(_targeted_log_prob(c, b, t, True))
     loss = _checks.reduce(loss, reduction)
     return loss if loss.dtype == c.dtype else loss.to(c.dtype)

@@ -423,15 +423,17 @@ def check_far_point(lp: torch.Tensor, grads, covariance_type: str, x, s: float, 
         assert_close_per_element(g.double().cpu(), ref, bar.grad, f"{what} d/d{name}")
 
 
-def huge_density_problem(dtype: torch.dtype = torch.float32):
-    """One sharp spherical component (D = 17, s = 400) and points at and near its mean: p up
-    to 3.3e37, representable in float32, so NGMG without normalisation (loss −p) is finite while
-    D·Σ w (the spherical precision gradient's first term, weighted by p) overflows.  Returns
-    (problem dict, closed-form (loss, ∂x, ∂μ, ∂s) in float64 for upstream gradient 1 per point)."""
+def huge_density_problem(dtype: torch.dtype = torch.float32, s: float = 400.0):
+    """One sharp spherical component (D = 17, precision s) and points at and near its mean.
+    s = 400: p up to 3.3e37, representable in float32, so NGMG without normalisation (loss −p)
+    is finite while D·Σ w (the spherical precision gradient's first term, weighted by p)
+    overflows.  s = 3000: p = 2e52 at the mean, beyond float32 (loss −inf), plus a third point
+    where ½(s z)² ≈ 120 brings p back to ~1.6 (finite loss and ∂x).  Returns (problem dict,
+    closed-form (loss, ∂x, ∂μ, ∂s) in float64 for upstream gradient 1 per point)."""
     import math
 
-    D, s = 17, 400.0
-    z = [[0.0] * D, [3e-6] * D]
+    D = 17
+    z = [[0.0] * D, [3e-6] * D] + ([[1.25e-3] * D] if s > 1000 else [])
     p = dict(x=torch.tensor(z, dtype=dtype), means=torch.zeros(1, D, dtype=dtype),
              prec_chol=torch.full((1,), s, dtype=dtype), logits=torch.zeros(1, dtype=dtype))
     loss, gx, gmu, gs = [], [], [0.0] * D, 0.0
@@ -445,6 +447,34 @@ def huge_density_problem(dtype: torch.dtype = torch.float32):
         gs -= dens * (D / s - s * zz)
     f64 = dict(dtype=torch.float64)
     return p, (torch.tensor(loss, **f64), torch.tensor(gx, **f64), torch.tensor([gmu], **f64), torch.tensor([gs], **f64))
+
+
+def check_overflowing_ngmg(p: dict, exact: tuple, backend, use_target: bool = False) -> None:
+    """NGMG without normalisation on ``huge_density_problem(s=3000)`` (one component; with
+    ``use_target`` through the target path, target 0): the loss and every gradient element equal
+    the float64 closed form ``exact`` rounded to float32 where that is ±inf or 0 (never NaN, never
+    a saturated finite number), and within the float32 bars elsewhere.  ``backend``: a backend
+    name, or a callable (x, means, prec_chol, logits, target) → (loss, grads) (emulated CUDA)."""
+    args = [p[k].requires_grad_() for k in ("x", "means", "prec_chol", "logits")]
+    target = torch.zeros(args[0].shape[0], dtype=torch.int64) if use_target else None
+    if callable(backend):
+        loss, grads = backend(*args, target)
+    else:
+        from .functional import ngmg_loss
+
+        loss = ngmg_loss(*args, "spherical", target=target, normalize=False, reduction="none", backend=backend)
+        grads = torch.autograd.grad(loss.sum(), args, allow_unused=True, materialize_grads=True)
+    bar = bars(torch.float32)
+    expected = exact + (torch.zeros(1, dtype=torch.float64),)
+    for name, out, e in zip(("loss", "d/dx", "d/dmeans", "d/dprec_chol", "d/dlogits"), (loss, *grads), expected):
+        e32 = e.float().double()  # the exact value rounded to float32: ±inf past the range
+        out = out.detach().double()
+        assert not bool(torch.isnan(out).any()), f"{backend} {name}: NaN in {out}"
+        edge = torch.isinf(e32) | (e32 == 0)
+        assert bool((out[edge] == e32[edge]).all()), f"{backend} {name}: {out} where float32 of exact is {e32}"
+        if bool((~edge).any()):
+            assert_close_per_element(out[~edge], e[~edge], bar.value if name == "loss" else bar.grad,
+                                     f"{backend} {name}")
 
 
 def extreme_problem(covariance_type: str, N: int, K: int, D: int, *, seed: int = 0,

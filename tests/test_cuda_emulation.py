@@ -24,9 +24,9 @@ import torch
 
 from fastgmmdiff import reference
 from fastgmmdiff.testing import (FULL_FAR_KINDS, LOOSEN_CAP, assert_close_per_element, bars, check_far_point,
-                                 elementwise_error, far_point_cases, far_point_problem, far_rows_problem,
-                                 full_far_rows_problem, huge_density_problem, large_normalizer_problem,
-                                 random_problem)
+                                 check_overflowing_ngmg, elementwise_error, far_point_cases, far_point_problem,
+                                 far_rows_problem, full_far_rows_problem, huge_density_problem,
+                                 large_normalizer_problem, random_problem)
 
 ROOT = Path(__file__).resolve().parents[1]
 COVS = ["diag", "spherical", "full"]
@@ -283,6 +283,18 @@ def test_ngmg_without_normalisation_at_a_huge_density(emu):
     for name, g, e in zip(ARGS, grads, exact[1:] + (torch.zeros(1, dtype=torch.float64),)):
         assert bool(torch.isfinite(g).all()), (name, g)
         assert_close_per_element(g.double(), e, bar.grad, f"d/d{name}")
+
+
+@pytest.mark.parametrize("use_target", [False, True], ids=["mixture", "target"])
+def test_ngmg_without_normalisation_past_the_float32_range(emu, use_target):
+    """tests/test_extremes.py's p = 2e52 (float32): loss −inf, gradients the exact values rounded
+    to float32 (±inf, 0 at the mean), never NaN (ops.h overflow_split in ngmg_backward_cuda)."""
+    def run(x, m, pr, lg, t):
+        loss, saved = emu.ngmg(x, m, pr, lg, t, "spherical", False)
+        return loss, emu.ngmg_backward(torch.ones_like(loss), x, m, pr, lg, t, loss, saved, "spherical", False)
+
+    p, exact = huge_density_problem(s=3000.0)
+    check_overflowing_ngmg({k: v.detach() for k, v in p.items()}, exact, run, use_target)
 
 
 @pytest.mark.parametrize("cov", COVS)

@@ -13,9 +13,9 @@ import torch
 
 import fastgmmdiff as fg
 from fastgmmdiff.testing import (FULL_FAR_KINDS, assert_close_per_element, bars, check_against_reference,
-                                 check_dead_rows, check_far_point, extreme_problem, far_point_cases, far_point_problem,
-                                 full_far_rows_problem, huge_density_problem, large_normalizer_problem,
-                                 random_problem)
+                                 check_dead_rows, check_far_point, check_overflowing_ngmg, extreme_problem,
+                                 far_point_cases, far_point_problem, full_far_rows_problem, huge_density_problem,
+                                 large_normalizer_problem, random_problem)
 
 ARGS = ("x", "means", "prec_chol", "logits")
 
@@ -69,6 +69,16 @@ def test_ngmg_without_normalisation_at_a_huge_density(backend):
     for name, g, e in zip(ARGS, grads, (e_gx, e_gmu, e_gs, torch.zeros(1, dtype=torch.float64))):
         assert bool(torch.isfinite(g).all()), f"{backend} d/d{name}: {g}"
         assert_close_per_element(g.double(), e, bar.grad, f"{backend} d/d{name}")
+
+
+@pytest.mark.parametrize("use_target", [False, True], ids=["mixture", "target"])
+def test_ngmg_without_normalisation_past_the_float32_range(use_target, backend):
+    """Reproducer D (the overflowing half): p = 2e52 > float32's largest at the mean — loss
+    −inf, never the saturated −3.3e38 nor NaN gradients: each gradient element is the exact
+    value rounded to float32 (±inf where that is beyond the range, 0 where a term is 0: ∂x at
+    the mean, ∂logits of one component), the row with p ~ 1.6 as float64 (testing.check_overflowing_ngmg)."""
+    p, exact = huge_density_problem(s=3000.0)
+    check_overflowing_ngmg(p, exact, backend, use_target)
 
 
 @pytest.mark.parametrize("cov", ["diag", "spherical", "full"])

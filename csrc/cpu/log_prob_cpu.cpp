@@ -384,21 +384,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngmg_backward_cpu(
   Prepared r = prepare(x, means, prec, logits, covariance_type);
   FGD_CHECK(loss.sizes() == logp.sizes(), "loss and logp must have one shape, got ", loss.sizes(), " and ",
             logp.sizes());
+  std::vector<at::Tensor> gr;
   if (has(target) && r.K > kTargetTileMaxK) {
-    auto gr = log_prob_target_backward_cpu(grad * loss, x, means, prec, *target, logp, covariance_type);
-    return {std::get<0>(gr), std::get<1>(gr), std::get<2>(gr), at::zeros_like(logits)};
+    auto bwd = [&](const at::Tensor& scale) {
+      auto g = log_prob_target_backward_cpu(grad * scale, x, means, prec, *target, logp, covariance_type);
+      return std::vector<at::Tensor>{std::get<0>(g), std::get<1>(g), std::get<2>(g)};
+    };
+    gr = normalize ? bwd(loss) : overflow_split(loss, logp, true, bwd);
+    return {gr[0], gr[1], gr[2], at::zeros_like(logits)};
   }
   Fused f;
-  f.scale = loss;
   f.normalize = normalize;
   if (has(target)) {
     f.target = canonical_target(r, *target, x, means, prec);
     check_target_range(f.target, r.K);
   }
   ngmg_constants(r, f);  // the forward's constants: the saved logp is relative to them
-  auto gr = backward_impl(r, grad, logp, f);
-  return {fit_grad(std::get<0>(gr), x), fit_grad(std::get<1>(gr), means), fit_grad(std::get<2>(gr), prec),
-          fit_grad(std::get<3>(gr), logits)};
+  auto bwd = [&](const at::Tensor& scale) {
+    f.scale = scale;
+    auto g = backward_impl(r, grad, logp, f);
+    return std::vector<at::Tensor>{fit_grad(std::get<0>(g), x), fit_grad(std::get<1>(g), means),
+                                   fit_grad(std::get<2>(g), prec), fit_grad(std::get<3>(g), logits)};
+  };
+  gr = normalize ? bwd(loss) : overflow_split(loss, logp, true, bwd);  // −p can overflow
+  return {gr[0], gr[1], gr[2], gr[3]};
 }
 
 const char* isa_name() {

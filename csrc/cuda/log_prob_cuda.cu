@@ -568,12 +568,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngmg_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& logits, const c10::optional<at::Tensor>& target, const at::Tensor& loss,
     const at::Tensor& logp, c10::string_view covariance_type, bool normalize) {
-  const at::Tensor gl = grad * loss;  // ∂(−exp(logp))/∂logp = −p̃ = loss
-  if (target.has_value() && target->defined()) {
-    auto r = log_prob_target_backward_cuda(gl, x, means, prec, *target, logp, covariance_type);
-    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), at::zeros_like(logits)};
-  }
-  return backward(gl, x, means, prec, logits, logp, covariance_type, normalize);
+  // ∂(−exp(logp))/∂logp = −p̃ = loss; without normalisation −p can overflow (ops.h overflow_split:
+  // a second pass, no host sync)
+  const bool targeted = target.has_value() && target->defined();
+  auto bwd = [&](const at::Tensor& scale) {
+    if (targeted) {
+      auto r = log_prob_target_backward_cuda(grad * scale, x, means, prec, *target, logp, covariance_type);
+      return std::vector<at::Tensor>{std::get<0>(r), std::get<1>(r), std::get<2>(r), at::zeros_like(logits)};
+    }
+    auto r = backward(grad * scale, x, means, prec, logits, logp, covariance_type, normalize);
+    return std::vector<at::Tensor>{std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+  };
+  const std::vector<at::Tensor> gr = normalize ? bwd(loss) : overflow_split(loss, logp, !loss.is_cuda(), bwd);
+  return {gr[0], gr[1], gr[2], gr[3]};
 }
 
 }  // namespace cuda
