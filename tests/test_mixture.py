@@ -26,17 +26,15 @@ def test_matches_sklearn_score_samples(digits_pca, cov):
     out = fg.gmm_log_prob(x64, torch.from_numpy(sk.means_), torch.from_numpy(sk.precisions_cholesky_),
                           torch.from_numpy(np.log(sk.weights_)), cov)
     np.testing.assert_allclose(out.numpy(), expect, rtol=1e-10, atol=1e-9)
-    # The module, float32 (tied arrives as full).
+    # The module, float32 (tied stays tied).
     m = fg.GaussianMixture.from_sklearn(sk)
-    assert m.covariance_type == ("full" if cov == "tied" else cov)
+    assert m.covariance_type == cov
     with torch.no_grad():
         out32 = m.log_prob(x64.float())
     assert out32.dtype == torch.float32
     assert_close_per_element(out32, torch.from_numpy(expect), bars(torch.float32).value, "log p")
     # And back.
-    back = m.to_sklearn() if cov != "tied" else None
-    if back is not None:
-        np.testing.assert_allclose(back.score_samples(digits_pca), expect, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(m.to_sklearn().score_samples(digits_pca), expect, rtol=1e-5, atol=1e-4)
 
 
 def test_from_sklearn_float64_roundtrip_is_exact(digits_pca):
@@ -133,7 +131,7 @@ def test_module_ngmg_and_repr():
     assert sk.means_.shape == (3, 4)
     assert_close_per_element(torch.from_numpy(sk.score_samples(z[1].double().numpy())), lp[1], bar, "sklearn")
     with pytest.raises(ValueError, match="covariance_type"):
-        fg.GaussianMixture(2, 2, "tied")
+        fg.GaussianMixture(2, 2, "banded")
 
 
 @pytest.mark.parametrize("cov", ["diag", "spherical", "full"])

@@ -1,0 +1,291 @@
+"""GaussianMixture as scikit-learn's estimator: EM on the fused kernels against
+sklearn.mixture.GaussianMixture on the datasets bundled with scikit-learn.
+
+Parity: from the same initial parameters (the ``random`` and ``random_from_data`` initialisations
+draw scikit-learn's own numbers for an integer random_state, and ``*_init`` pass them in), with
+``tol=0`` and ``max_iter=m``, every fitted attribute, ``lower_bound_``, ``predict_proba``,
+``score_samples``, ``bic`` and ``aic`` as scikit-learn's: float64 to 1e-8 relative (to the
+attribute's largest element), float32 data to 1e-4 against scikit-learn in float64 on the same
+(float32-rounded) values after 5 iterations from ``init_params="random"``.  From such a
+start the difference between two EM runs roughly doubles each iteration (iris, diag: 1e-7 after
+one, 1e-4 after eight; scikit-learn's own float32 run is 16× further, 1.6e-3), and from one-hot
+starts (random_from_data) scikit-learn's own float32 run ends 0.1 away from its float64 run on
+the digits (full): the bar holds where float32 can hold it, not after any number of steps."""
+
+import datetime
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.mixture import GaussianMixture as SkGMM
+from sklearn.preprocessing import StandardScaler
+
+import fastgmmdiff as fg
+from fastgmmdiff.mixture import CollapsedComponentWarning
+
+COVS = ["full", "tied", "diag", "spherical"]
+ATTRS = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
+
+
+def _collapse_set():
+    """100 points of N(0, I₃) and 30 copies of (1, 1, 1): a component collapses onto the copies
+    (its covariance is reg_covar·I).  The copies sit near the origin on purpose: scikit-learn's
+    diag/spherical variance E[x²] − μ² cancels to ~|x|²·1e-16, which at |x| = 5 is 1e-8 of
+    reg_covar — scikit-learn's own error, not ours."""
+    rng = np.random.RandomState(0)
+    return np.vstack([rng.randn(100, 3), np.tile([[1.0, 1.0, 1.0]], (30, 1))])
+
+
+DATA = {
+    "iris": lambda: load_iris().data,
+    "wine": lambda: StandardScaler().fit_transform(load_wine().data),
+    "breast_cancer": lambda: StandardScaler().fit_transform(load_breast_cancer().data),
+    "digits_pca": lambda: PCA(n_components=12, random_state=0).fit_transform(load_digits().data),
+    "collapse": _collapse_set,
+}
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    return {k: f() for k, f in DATA.items()}
+
+
+def assert_rel(out, ref, rtol, what):
+    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape, (what, out.shape, ref.shape)
+    err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-300)
+    assert err <= rtol, f"{what}: {err:.3g} relative (bar {rtol:g})"
+
+
+def check_same_fit(ours, sk, X, rtol):
+    for a in ATTRS:
+        assert_rel(getattr(ours, a), getattr(sk, a), rtol, a)
+    assert abs(ours.lower_bound_ - sk.lower_bound_) <= rtol * abs(sk.lower_bound_), (ours.lower_bound_,
+                                                                                      sk.lower_bound_)
+    assert ours.n_iter_ == sk.n_iter_ and ours.converged_ == sk.converged_
+    assert_rel(ours.lower_bounds_, sk.lower_bounds_, rtol, "lower_bounds_")
+    Xq = X.astype(np.float64)
+    assert_rel(ours.predict_proba(X), sk.predict_proba(Xq), rtol, "predict_proba")
+    assert_rel(ours.score_samples(X), sk.score_samples(Xq), rtol, "score_samples")
+    for f in ("bic", "aic"):
+        assert abs(getattr(ours, f)(X) - getattr(sk, f)(Xq)) <= rtol * abs(getattr(sk, f)(Xq)), f
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::fastgmmdiff.mixture.CollapsedComponentWarning")
+@pytest.mark.parametrize("init", ["random_from_data", "random"])
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("name", list(DATA))
+def test_float64_fit_matches_sklearn(datasets, name, cov, init):
+    X = datasets[name]
+    kw = dict(n_components=3, covariance_type=cov, init_params=init, random_state=1, tol=0, max_iter=8)
+    sk = SkGMM(**kw).fit(X)
+    ours = fg.GaussianMixture(**kw).fit(X)
+    assert ours.backend == "auto" and isinstance(ours.means_, np.ndarray) and ours.means_.dtype == np.float64
+    check_same_fit(ours, sk, X, 1e-8)
+    labels = ours.predict(X)
+    assert labels.dtype.kind == "i" and labels.shape == (X.shape[0],)
+    np.testing.assert_array_equal(labels, sk.predict(X))
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("name", ["iris", "wine", "breast_cancer", "digits_pca"])
+def test_float32_fit_matches_sklearn_float64(datasets, name, cov):
+    X32 = datasets[name].astype(np.float32)
+    kw = dict(n_components=3, covariance_type=cov, init_params="random", random_state=1, tol=0, max_iter=5)
+    sk = SkGMM(**kw).fit(X32.astype(np.float64))
+    ours = fg.GaussianMixture(**kw).fit(X32)
+    assert ours.means_.dtype == np.float32 and ours.score_samples(X32).dtype == np.float32
+    check_same_fit(ours, sk, X32, 1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("cov", COVS)
+def test_given_initial_parameters_and_the_torch_backend(datasets, cov):
+    """weights_init / means_init / precisions_init (taken from a one-step fit) as scikit-learn's,
+    through the plain-PyTorch backend too; tensors in, tensors out."""
+    X = datasets["wine"]
+    start = SkGMM(4, covariance_type=cov, random_state=0, max_iter=1).fit(X)
+    kw = dict(n_components=4, covariance_type=cov, weights_init=start.weights_, means_init=start.means_,
+              precisions_init=start.precisions_, tol=0, max_iter=6)
+    sk = SkGMM(**kw).fit(X)
+    for backend in ("cpu", "torch"):
+        if backend not in fg.available_backends():
+            continue
+        check_same_fit(fg.GaussianMixture(backend=backend, **kw).fit(X), sk, X, 1e-8)
+    t = fg.GaussianMixture(**kw).fit(torch.from_numpy(X))
+    assert isinstance(t.means_, torch.Tensor) and isinstance(t.predict(torch.from_numpy(X)), torch.Tensor)
+    assert_rel(t.means_.numpy(), sk.means_, 1e-8, "means_ (tensor fit)")
+
+
+def test_collapsing_component_warns_and_matches_sklearn(datasets):
+    X = datasets["collapse"]
+    kw = dict(n_components=3, covariance_type="diag", init_params="random_from_data", random_state=2, tol=0,
+              max_iter=8)
+    with pytest.warns(CollapsedComponentWarning, match=r"component\(s\) \[\d\] collapsed"):
+        ours = fg.GaussianMixture(**kw).fit(X)
+    sk = SkGMM(**kw).fit(X)
+    assert np.isclose(ours.covariances_.min(), 1e-6)
+    check_same_fit(ours, sk, X, 1e-8)
+
+
+def test_kmeans_initialisation_finds_the_clusters():
+    """Default init (k-means++ seeds, Lloyd's k-means): on well-separated blobs with data at
+    scale 1e3 the fit converges to scikit-learn's optimum (same lower bound to 1e-8, the same
+    partition up to the labels' order)."""
+    rng = np.random.RandomState(0)
+    centres = rng.uniform(-1e3, 1e3, size=(5, 4))
+    X = np.vstack([c + 10 * rng.randn(200, 4) for c in centres])
+    ours = fg.GaussianMixture(5, random_state=0, tol=1e-10, max_iter=200).fit(X)
+    sk = SkGMM(5, random_state=0, tol=1e-10, max_iter=200).fit(X)
+    assert ours.converged_
+    assert abs(ours.lower_bound_ - sk.lower_bound_) <= 1e-8 * abs(sk.lower_bound_)
+    a, b = ours.predict(X), sk.predict(X)
+    assert len({(i, j) for i, j in zip(a, b)}) == 5  # one-to-one
+    assert fg.GaussianMixture(5, init_params="k-means++", random_state=0, max_iter=200).fit(X).converged_
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_chunked_data_and_n_init_and_warm_start(datasets):
+    X = datasets["digits_pca"]
+    kw = dict(n_components=4, covariance_type="full", init_params="random", random_state=3, tol=0, max_iter=4)
+    whole = fg.GaussianMixture(**kw).fit(X)
+    chunked = fg.GaussianMixture(chunk_size=257, **kw).fit(X)
+    for a in ATTRS:
+        assert_rel(getattr(chunked, a), getattr(whole, a), 1e-12, a)
+    # n_init: the best of several, as scikit-learn's choice
+    sk = SkGMM(**dict(kw, n_init=3)).fit(X)
+    check_same_fit(fg.GaussianMixture(**dict(kw, n_init=3)).fit(X), sk, X, 1e-8)
+    # warm_start continues from the fitted parameters
+    skw = SkGMM(**dict(kw, warm_start=True))
+    ow = fg.GaussianMixture(**dict(kw, warm_start=True))
+    for _ in range(2):
+        skw.fit(X)
+        ow.fit(X)
+    check_same_fit(ow, skw, X, 1e-8)
+
+
+def test_estimator_protocol_and_module(datasets):
+    X = datasets["iris"]
+    m = fg.GaussianMixture(3, covariance_type="diag", random_state=0)
+    c = clone(m)
+    assert c.get_params() == m.get_params() and c is not m
+    assert not hasattr(m, "means_") and not hasattr(m, "converged_")
+    with pytest.raises(NotFittedError, match="not fitted"):
+        m.predict(X)
+    labels = m.fit_predict(X)
+    np.testing.assert_array_equal(labels, m.predict(X))
+    assert m.n_features_in_ == 4 and m.n_features == 4
+    xs, ys = m.sample(500)
+    assert xs.shape == (500, 4) and ys.shape == (500,) and isinstance(xs, np.ndarray)
+    assert (np.diff(ys) >= 0).all()  # ordered by component, as scikit-learn's
+    np.testing.assert_array_equal(m.sample(50)[0], m.sample(50)[0])  # random_state=0: the same draws
+    # still a trainable module: gradient steps on the fitted parameters
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    loss = -m.log_prob(torch.from_numpy(X)).mean()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        assert float(-m.log_prob(torch.from_numpy(X)).mean()) < float(loss)
+    # the structure is fixed once built
+    with pytest.raises(ValueError, match="fixed"):
+        m.set_params(covariance_type="full")
+    m.set_params(tol=1e-5, max_iter=3)
+    assert m.tol == 1e-5
+
+
+def test_errors_like_sklearn(datasets):
+    X = datasets["iris"]
+    with pytest.raises(ValueError, match="NaN"):
+        fg.GaussianMixture(2).fit(np.where(np.arange(X.size).reshape(X.shape) == 5, np.nan, X))
+    with pytest.raises(ValueError, match="infinity"):
+        fg.GaussianMixture(2).fit(np.where(np.arange(X.size).reshape(X.shape) == 5, np.inf, X))
+    with pytest.raises(ValueError, match="n_samples >= n_components"):
+        fg.GaussianMixture(5).fit(X[:3])
+    with pytest.raises(ValueError, match="2D"):
+        fg.GaussianMixture(2).fit(X[:, 0])
+    with pytest.raises(ValueError, match="init_params"):
+        fg.GaussianMixture(2, init_params="bogus").fit(X)
+    with pytest.raises(ValueError, match="sum to 1"):
+        fg.GaussianMixture(2, weights_init=[0.2, 0.2]).fit(X)
+    with pytest.raises(ValueError, match="positive-definite"):
+        fg.GaussianMixture(2, precisions_init=-np.stack([np.eye(4)] * 2)).fit(X)
+    with pytest.raises(ValueError, match="n_mixtures"):
+        fg.GaussianMixture(2, 4, n_mixtures=3).fit(X)
+    with pytest.warns(ConvergenceWarning):
+        fg.GaussianMixture(3, max_iter=1, random_state=0).fit(X)
+    m = fg.GaussianMixture(2, random_state=0).fit(X)
+    with pytest.raises(ValueError, match="X has 3 features, but GaussianMixture is expecting 4"):
+        m.predict(X[:, :3])
+
+
+def test_ill_defined_covariance_is_sklearns_error():
+    X = np.vstack([np.zeros((5, 2)), np.ones((5, 2))])
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        fg.GaussianMixture(2, covariance_type="full", reg_covar=0, random_state=0).fit(X)
+
+
+# --- distributed EM (two CPU processes, gloo) ---------------------------------------------------
+
+
+def _worker(rank, world, init_file, X, kw, out):
+    import torch.distributed as dist
+
+    # a timeout: a collective one process skips fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        shard = np.array_split(X, [70])[rank]  # uneven shards: 70 and the rest
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            m = fg.GaussianMixture(**kw).fit(shard)
+        np.savez(f"{out}.{rank}.npz", lb=m.lower_bound_, n_iter=m.n_iter_,
+                 **{a: getattr(m, a) for a in ATTRS})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::fastgmmdiff.mixture.CollapsedComponentWarning")
+@pytest.mark.parametrize("init", ["kmeans", "random_from_data", "random"])
+def test_two_processes_fit_the_concatenated_data(tmp_path, datasets, init):
+    """Each process holds a shard; fit all-reduces the statistics (and the initialisation's):
+    both end with the parameters of one process fitting the whole data (float64, 1e-10)."""
+    import torch.multiprocessing as mp
+
+    X = datasets["wine"][:150]
+    kw = dict(n_components=3, covariance_type="full", init_params=init, random_state=2, tol=0, max_iter=5)
+    out = str(tmp_path / "res")
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), X, kw, out), nprocs=2, join=True,
+                       start_method="spawn")
+    one = fg.GaussianMixture(**kw).fit(X)
+    for rank in range(2):
+        r = np.load(f"{out}.{rank}.npz")
+        for a in ATTRS:
+            assert_rel(r[a], getattr(one, a), 1e-10, f"rank {rank} {a}")
+        assert abs(float(r["lb"]) - one.lower_bound_) <= 1e-10 * abs(one.lower_bound_)
+
+
+
+@pytest.mark.parametrize("cov", COVS)
+def test_sample_statistics(datasets, cov):
+    """Per component, the sample mean and covariance of 40,000 draws as the fitted ones, within
+    five standard errors (mean) and 10% (covariance entries, relative to the largest)."""
+    X = datasets["iris"]
+    m = fg.GaussianMixture(3, covariance_type=cov, random_state=0).fit(X)
+    xs, ys = m.sample(40000)
+    cov_k = {"full": lambda k: m.covariances_[k], "tied": lambda k: m.covariances_,
+             "diag": lambda k: np.diag(m.covariances_[k]), "spherical": lambda k: np.eye(4) * m.covariances_[k]}[cov]
+    for k in range(3):
+        pts = xs[ys == k]
+        assert abs(len(pts) / 40000 - m.weights_[k]) < 5 * np.sqrt(m.weights_[k] / 40000)
+        C = cov_k(k)
+        se = np.sqrt(np.diag(C) / len(pts))
+        assert (np.abs(pts.mean(0) - m.means_[k]) < 5 * se).all()
+        assert np.abs(np.cov(pts.T) - C).max() < 0.1 * np.abs(C).max()
