@@ -252,6 +252,27 @@ def check_target(target, out_shape, K: int, device, check_range: bool = True) ->
     return t
 
 
+def check_scales(scales) -> tuple:
+    """NGMG's bandwidth factors: a non-empty sequence (or 1-D tensor) of positive finite numbers,
+    as a tuple of floats (they are constants: no gradient flows to them)."""
+    if isinstance(scales, torch.Tensor):
+        if scales.dim() != 1:
+            raise ValueError(f"scales must be a 1-D sequence of positive numbers; got a tensor of shape "
+                             f"{tuple(scales.shape)}")
+        scales = scales.tolist()
+    try:
+        vals = tuple(float(s) for s in scales)
+    except TypeError:
+        raise TypeError(f"scales must be a sequence of positive numbers, e.g. (1, 2, 4); got "
+                        f"{type(scales).__name__}") from None
+    if not vals:
+        raise ValueError("scales is empty: give at least one bandwidth factor (or scales=None)")
+    bad = [s for s in vals if not (s > 0 and s < float("inf"))]
+    if bad:
+        raise ValueError(f"scales must be positive and finite; got {bad[0]!r}")
+    return vals
+
+
 def check_reduction(reduction) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(

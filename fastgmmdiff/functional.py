@@ -7,6 +7,8 @@ registered in ``_autograd``.  The math is SPEC §1 and §2; the docstrings below
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -143,7 +145,7 @@ def backend_for(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, cov
 def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
               covariance_type: str = "diag", *, target: Tensor | None = None,
               normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-              validate: bool = False) -> Tensor:
+              validate: bool = False, scales=None) -> Tensor:
     r"""Negative Gaussian-mixture density loss; its gradient is the NGMG (SPEC §2).
 
     .. math::
@@ -164,12 +166,29 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
         reduction: ``"mean"`` (over every point of every mixture; 0 for no points),
             ``"sum"`` or ``"none"`` (shape ``[N]`` or ``[G, N]``).
         backend, validate: as in :func:`gmm_log_prob`.
+        scales: multi-scale NGMG: bandwidth factors s_j, e.g. ``(1, 2, 4, 8, 16, 32)``; the
+            loss is Σ_j s_j L_j / Σ_j s_j with L_j the normalised NGMG of the mixture whose
+            covariances are all scaled by s_j² (U/s_j), target or not.  A scale-s term's pull
+            peaks at e^{−1/2}/(sσ) at distance sσ, so the weights s_j keep each scale's peak
+            equal and the gradient's magnitude roughly flat from σ to s_max·σ, where one scale's
+            vanishes beyond a few σ (README, "Choose σ").  One pass of the fused op per scale;
+            needs ``normalize=True``.
     """
     if isinstance(covariance_type, Tensor):
         raise TypeError("ngmg_loss: covariance_type (the fifth argument) got a tensor; did you mean "
                         "target=...? (target is keyword-only: ngmg_loss(z, means, prec_chol, logits, "
                         "target=labels))")
     _checks.check_reduction(reduction)
+    if scales is not None:
+        sc = _checks.check_scales(scales)
+        if not normalize:
+            raise ValueError("scales: multi-scale NGMG is defined on the normalised loss; drop normalize=False")
+        if not isinstance(prec_chol, Tensor):
+            raise TypeError(f"prec_chol must be a torch.Tensor, got {type(prec_chol).__name__}")
+        total = sum(sc)
+        parts = [ngmg_loss(z, means, prec_chol / s, logits, covariance_type, target=target, reduction="none",
+                           backend=backend, validate=validate) * (s / total) for s in sc]
+        return _checks.reduce(functools.reduce(torch.add, parts), reduction)
     c, b = _setup(z, means, prec_chol, logits, covariance_type, backend, validate, target is not None)
     _warn_outer(c, z, "ngmg_loss")
     if target is None:

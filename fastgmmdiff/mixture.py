@@ -429,7 +429,8 @@ class GaussianMixture(nn.Module):
             X = np.asarray(X)
             if X.dtype.kind not in "fiub":
                 raise ValueError(f"{what}: X must be numeric; got an array of dtype {X.dtype}")
-            X = torch.from_numpy(np.ascontiguousarray(X if X.dtype in (np.float32, np.float64) else X.astype(np.float64)))
+            X = np.ascontiguousarray(X if X.dtype in (np.float32, np.float64) else X.astype(np.float64))
+            X = torch.from_numpy(X)
         elif not X.is_floating_point():
             X = X.double()
         elif X.dtype in (torch.float16, torch.bfloat16):
@@ -613,7 +614,7 @@ class GaussianMixture(nn.Module):
                 P = self._initialize(X, rng, chunk, device, dtype)
             else:
                 P = self._current()
-                P = _em.Params(P.weights.to(device, dtype), P.means.to(device, dtype), None, P.prec_chol.to(device, dtype))
+                P = _em.Params(*(None if t is None else t.to(device, dtype) for t in P))
             lower_bound = -math.inf if do_init else self.lower_bound_
             lbs, converged, n_iter = [], False, 0
             bar = _progress(self.verbose, self.max_iter, init, n_init)

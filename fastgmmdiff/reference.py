@@ -110,9 +110,17 @@ def ngmg_log_normalizer(prec_chol, logits, covariance_type, D):
 
 
 def ngmg_loss(z, means, prec_chol, logits, covariance_type="diag", *, target=None,
-              normalize=True, reduction="mean", form="broadcast"):
-    """The NGMG loss of SPEC §2, written the obvious way (autograd gives the NGMG)."""
+              normalize=True, reduction="mean", form="broadcast", scales=None):
+    """The NGMG loss of SPEC §2, written the obvious way (autograd gives the NGMG); ``scales``:
+    Σ_j s_j L_j / Σ_j s_j, L_j the normalised loss with U/s_j (``functional.ngmg_loss``)."""
     check_reduction(reduction)
+    if scales is not None:
+        total = sum(float(s) for s in scales)
+        loss = 0
+        for s in scales:
+            loss = loss + float(s) / total * ngmg_loss(z, means, prec_chol / float(s), logits, covariance_type,
+                                                       target=target, reduction="none", form=form)
+        return reduce(loss, reduction)
     D = means.shape[-1]
     if target is None:
         logp = gmm_log_prob(z, means, prec_chol, logits, covariance_type, form)

@@ -272,7 +272,7 @@ def _summation_floor(ref_fn, args, upstream, index: int):
 
 
 def check_against_reference(p: dict, covariance_type: str, backend: str, op: str = "log_prob",
-                            target=None, normalize: bool = True, upstream: str = "normal"):
+                            target=None, normalize: bool = True, upstream: str = "normal", scales=None):
     """Assert that ``backend`` matches the float64 reference on problem ``p`` (a
     :func:`random_problem` dict with ``requires_grad``): the value of ``gmm_log_prob``
     (``op="log_prob"``) or of ``ngmg_loss`` with ``reduction="none"`` (``op="ngmg"``), and every
@@ -280,7 +280,8 @@ def check_against_reference(p: dict, covariance_type: str, backend: str, op: str
     gradient of the sum) element by element within the bars of the inputs' dtype (module
     docstring).  A random-sign upstream makes the parameter gradients sums that cancel by chance
     (1 in ~2000 elements to 1e-4 of their terms, where float32 summation alone misses the bar);
-    ``"ones"`` keeps that for the fixed points of EM.  Returns the output."""
+    ``"ones"`` keeps that for the fixed points of EM.  ``scales``: multi-scale NGMG (op="ngmg").
+    Returns the output."""
     from . import functional
 
     cov = covariance_type
@@ -291,7 +292,7 @@ def check_against_reference(p: dict, covariance_type: str, backend: str, op: str
         def ref_fn(*a, form):
             return reference.gmm_log_prob(*a, cov, form=form)
     elif op == "ngmg":
-        kw = dict(target=target, normalize=normalize, reduction="none")
+        kw = dict(target=target, normalize=normalize, reduction="none", scales=scales)
 
         def ours(*a):
             return functional.ngmg_loss(*a, cov, backend=backend, **kw)
