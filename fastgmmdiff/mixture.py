@@ -232,11 +232,12 @@ class GaussianMixture(nn.Module):
 
     def ngmg_loss(self, z: Tensor, target: Tensor | None = None, *, normalize: bool = True,
                   reduction: str = "mean", backend: str | None = None,
-                  validate: bool = False) -> Tensor:
-        """NGMG loss of points z under this mixture (see :func:`fastgmmdiff.ngmg_loss`)."""
+                  validate: bool = False, scales=None) -> Tensor:
+        """NGMG loss of points z under this mixture (see :func:`fastgmmdiff.ngmg_loss`;
+        ``scales``: multi-scale NGMG)."""
         return ngmg_loss(z, self.means, self.prec_chol, self.logits, self.covariance_type,
                          target=target, normalize=normalize, reduction=reduction,
-                         backend=backend or self.backend, validate=validate)
+                         backend=backend or self.backend, validate=validate, scales=scales)
 
     @torch.no_grad()
     def sample(self, n_samples: int = 1, generator: torch.Generator | None = None):
