@@ -145,8 +145,38 @@ def test_aux_losses_match_their_definitions(kind, seed):
     g, = torch.autograd.grad(ngmg.sum(), z)
     g_ref, = torch.autograd.grad(expect.sum(), z)
     torch.testing.assert_close(g, g_ref)
+    # multi-scale: Σ_s s·(the same with σ·s) / Σ s
+    ms = cond.aux_loss(z, lab, "ngmg-ms")
+    expect_ms = 0
+    for s in C.MULTI_SCALE:
+        ss = sig * s
+        if kind == "feature":
+            expect_ms = expect_ms - s * torch.exp(-0.5 * ((zf - mu) ** 2).sum(-1) / ss**2).mean(1)
+        else:
+            expect_ms = expect_ms - s * torch.exp(-0.5 * ((z - mu) ** 2).sum(-1) / ss**2)
+    torch.testing.assert_close(ms, expect_ms / sum(C.MULTI_SCALE))
     with pytest.raises(ValueError, match="aux loss"):
         cond.aux_loss(z, lab, "mse")
+
+
+def test_aux_classifier_experiment_runs_resumes_and_reports(tmp_path):
+    """A tiny grid (2 steps per run): one JSON per run, reused on a rerun, and the table."""
+    from fastgmmdiff.experiments import aux_classifier as A
+
+    argv = ["--datasets", "shapes", "--losses", "bce", "ngmg-ms", "--flip", "0", "0.4", "--inputs", "noisy",
+            "--seeds", "0", "--steps", "2", "--out", str(tmp_path)]
+    A.main(argv)
+    runs = sorted((tmp_path / "runs").glob("*.json"))
+    assert len(runs) == 4
+    stamp = [r.stat().st_mtime_ns for r in runs]
+    A.main(argv)
+    assert [r.stat().st_mtime_ns for r in runs] == stamp  # reused, not rerun
+    table = (tmp_path / "aux_classifier.md").read_text()
+    assert table.count("| shapes | noisy |") == 4 and "ngmg-ms" in table
+    rec = __import__("json").loads(runs[0].read_text())
+    assert set(rec["accuracy"]) == {"0", "100", "250", "500"} and len(rec["accuracy"]["0"]) == 5
+    flipped = A._flip(torch.zeros(10000, 2, dtype=torch.long), [10, 2], 0.4, torch.Generator().manual_seed(0))
+    assert abs(float((flipped[:, 0] != 0).double().mean()) - 0.4) < 0.03 and bool((flipped[:, 1] == 0).all())
 
 
 # --- networks and samplers ------------------------------------------------------------------

@@ -26,7 +26,8 @@ normalisation still moves it); this is part of what the experiment compares.
 Aux losses (``aux_loss(z, labels, kind)``, per-sample ``[B]``):
 
 * ``"ngmg"`` — ``fastgmmdiff.ngmg_loss`` with ``target`` = the true value's component (spherical
-  covariance), averaged over features; its gradient is the NGMG.
+  covariance), averaged over features; its gradient is the NGMG.  ``"ngmg-ms"``: the same,
+  multi-scale (``scales=MULTI_SCALE``: σ to 8σ).
 * ``"bce"`` — cross-entropy of the component posterior ∝ π_v N(z; μ_v, σ²I) against the true
   value (binary cross-entropy for a binary feature), averaged over features.
 """
@@ -41,7 +42,8 @@ from torch.nn import functional as F
 
 from .. import functional as fgf
 
-AUX_KINDS = ("none", "bce", "ngmg")
+AUX_KINDS = ("none", "bce", "ngmg", "ngmg-ms")
+MULTI_SCALE = (1, 2, 4, 8)  # "ngmg-ms": bandwidths σ…8σ (a feature slot's means are 3 = 6σ apart)
 
 
 def _directions(n: int, d: int, g: torch.Generator) -> torch.Tensor:
@@ -88,10 +90,11 @@ class _Conditioner(nn.Module):
 
     def _mixture_loss(self, z, means, logits, target, kind):
         """z [G, B, D'] against G mixtures (means [G, K, D'], logits [G, K]); target [G, B]."""
-        if kind == "ngmg":
+        if kind in ("ngmg", "ngmg-ms"):
             prec = torch.full(means.shape[:-1], 1.0 / self.sigma, dtype=z.dtype, device=z.device)
             loss = fgf.ngmg_loss(z, means.to(z.dtype), prec, logits.to(z.dtype), "spherical",
-                                 target=target, reduction="none", backend=self.backend)
+                                 target=target, reduction="none", backend=self.backend,
+                                 scales=MULTI_SCALE if kind == "ngmg-ms" else None)
             return loss.mean(0)
         if kind == "bce":
             sq = (z.unsqueeze(-2) - means.to(z.dtype).unsqueeze(-3)).pow(2).sum(-1)  # [G, B, K]
