@@ -235,3 +235,16 @@ def test_schedule_and_x0_prediction(seed):
         GaussianDiffusion(torch.nn.Identity(), schedule="sqrt")
     with pytest.raises(ValueError, match="prediction"):
         GaussianDiffusion(torch.nn.Identity(), prediction="x0")
+
+
+def test_defects_table_gives_the_mean_and_its_confidence_interval():
+    """Student's t over seeds: mean 0.75, sd 0.05, n = 3 → ± t(0.975, 2)·0.05/√3 = ± 0.124."""
+    import numpy as np
+
+    from fastgmmdiff.experiments.defects import _mean_ci, summarize
+
+    assert _mean_ci(np.array([0.7, 0.8, 0.75])) == "0.750 [0.626, 0.874]"
+    assert _mean_ci(np.array([0.4])) == "0.400"
+    reps = [dict(conditioning="feature", aux="ngmg-ms", seen=0.5, held_out=0.6, feature_error_seen=0.1,
+                 feature_error_held_out=0.2, seed=s) for s in range(3)]
+    assert "| feature | ngmg-ms | 3 | 0.500 [0.500, 0.500] |" in summarize(reps)

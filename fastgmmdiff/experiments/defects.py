@@ -1,13 +1,13 @@
 """Does feature conditioning make fewer defective samples than class conditioning?
 
-    python -m fastgmmdiff.experiments.defects --seeds 0 1 --steps 1500 --out runs/defects
+    python -m fastgmmdiff.experiments.defects --seeds 0 1 2 --steps 1500 --out runs/defects
 
 Trains, on ``shapes`` with combinations held out, one model per (conditioning ∈ {feature,
-class}) × (aux ∈ {none, bce, ngmg}) × seed; samples ``--per-combination`` images of every
+class}) × (aux ∈ {none, bce, ngmg, ngmg-ms}) × seed; samples ``--per-combination`` images of every
 combination (class conditioning reaches a held-out combination only through a fresh, untrained
-component — SPEC §3); and reports defect rates on the seen and the held-out combinations, mean
-± standard deviation over seeds, as ``defects.md`` (a markdown table, also printed) and
-``defects.png``.  Each run lives in ``<out>/<conditioning>-<aux>-seed<k>``; a finished run is
+component — SPEC §3); and reports defect rates on the seen and the held-out combinations, the
+mean over seeds with its 95% confidence interval, as ``defects.md`` (a markdown table, also
+printed) and ``defects.png``.  Each run lives in ``<out>/<conditioning>-<aux>-seed<k>``; a finished run is
 reused (its ``defects.json``), an unfinished one resumes from its checkpoint.
 """
 
@@ -27,7 +27,7 @@ import torch
 from ..diffusion import trainer as T
 
 CONDITIONINGS = ("feature", "class")
-AUX = ("none", "bce", "ngmg")
+AUX = ("none", "bce", "ngmg", "ngmg-ms")
 
 
 def run_one(out, conditioning, aux, seed, args) -> dict:
@@ -80,8 +80,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _mean_sd(v) -> str:
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+def _mean_ci(v) -> str:
+    """Mean and its 95% confidence interval over seeds (Student's t: few seeds)."""
+    if len(v) < 2:
+        return f"{v.mean():.3f}"
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return f"{v.mean():.3f} [{v.mean() - half:.3f}, {v.mean() + half:.3f}]"
 
 
 def summarize(reports: list) -> str:
@@ -92,7 +98,7 @@ def summarize(reports: list) -> str:
             rs = [r for r in reports if r["conditioning"] == c and r["aux"] == a]
             if not rs:
                 continue
-            fmt = lambda key: _mean_sd(np.array([r[key] for r in rs]))  # noqa: E731
+            fmt = lambda key: _mean_ci(np.array([r[key] for r in rs]))  # noqa: E731
             rows.append(f"| {c} | {a} | {len(rs)} | {fmt('seen')} | {fmt('held_out')} | "
                         f"{fmt('feature_error_seen')} | {fmt('feature_error_held_out')} |")
     return "\n".join(rows)
@@ -129,7 +135,7 @@ def plot(reports: list, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastgmmdiff.experiments.defects", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--aux-weight", type=float, default=0.1)
@@ -156,9 +162,10 @@ def main(argv=None) -> int:
             for a in args.aux:
                 rep = run_one(args.out, c, a, seed, args)
                 reports.append(rep)
-                print(f"[defects] {c:7s} aux={a:4s} seed={seed}: seen {rep['seen']:.3f}, held out "
+                print(f"[defects] {c:7s} aux={a:7s} seed={seed}: seen {rep['seen']:.3f}, held out "
                       f"{rep['held_out']:.3f} (train {rep['train_seconds']:.0f} s)", file=sys.stderr)
-    table = summarize(reports)
+    table = ("Mean over seeds and its 95% confidence interval (Student's t).\n\n" if len(args.seeds) > 1 else "") \
+        + summarize(reports)
     cpu = _cpu_name()
     header = (f"shapes, {args.steps} steps × batch {args.batch_size}, {args.per_combination} samples per "
               f"combination, seeds {args.seeds}, torch {torch.__version__}, {cpu}, "
