@@ -97,7 +97,7 @@ class GaussianMixture(nn.Module):
             raise ValueError(f"n_mixtures must be None or >= 1; got {n_mixtures}")
         self.covariance_type = covariance_type
         self.backend = backend
-        self.n_components_ = n_components  # K before the parameters exist
+        self._n_components = n_components  # K before the parameters exist
         self._G = n_mixtures
         self.tol, self.reg_covar, self.max_iter, self.n_init = tol, reg_covar, max_iter, n_init
         self.init_params, self.weights_init, self.means_init = init_params, weights_init, means_init
@@ -114,7 +114,7 @@ class GaussianMixture(nn.Module):
     def _build(self, D: int, dtype, device) -> None:
         """Fresh parameters: logits 0, means ~ N(0, 1), U = I."""
         G = () if self._G is None else (self._G,)
-        K = self.n_components_
+        K = self._n_components
         kw = dict(dtype=dtype, device=device)
         tied = self.covariance_type == "tied"
         self.logits = nn.Parameter(torch.zeros(G + (K,), **kw))
@@ -139,7 +139,7 @@ class GaussianMixture(nn.Module):
     @property
     def n_components(self) -> int:
         """K, the number of components of each mixture."""
-        return self.n_components_
+        return self._n_components
 
     @property
     def n_features(self) -> int | None:
@@ -343,7 +343,7 @@ class GaussianMixture(nn.Module):
     def get_params(self, deep: bool = True) -> dict:
         """The constructor's arguments (scikit-learn's ``get_params``: ``clone`` and the model
         selection tools use it)."""
-        return dict(n_components=self.n_components_, n_features=self.n_features, covariance_type=self.covariance_type,
+        return dict(n_components=self._n_components, n_features=self.n_features, covariance_type=self.covariance_type,
                     n_mixtures=self._G, tol=self.tol, reg_covar=self.reg_covar, max_iter=self.max_iter,
                     n_init=self.n_init, init_params=self.init_params, weights_init=self.weights_init,
                     means_init=self.means_init, precisions_init=self.precisions_init,
