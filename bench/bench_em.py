@@ -5,6 +5,7 @@ dtype (float64 and float32: scikit-learn keeps float32 data in float32), same th
 
     python -m pytest bench/bench_em.py --benchmark-only      # pytest-benchmark table
     python bench/bench_em.py                                  # side by side, ratios (README)
+    python bench/bench_em.py --device cuda                    # one EM iteration at Flash-GMM's shapes
 
 Each case first checks the fit against scikit-learn's (every fitted attribute and the lower
 bound, relative to the attribute's largest element: 1e-8 in float64, 1e-4 in float32); under
@@ -101,5 +102,74 @@ def side_by_side(reps: int = 3):
     return rows
 
 
+# --- one EM iteration on a device (PERF.md "EM iteration (GPU)": Flash-GMM's shapes) -----------
+
+GPU_SHAPES = (("diag", 65_536, 1024, 64), ("full", 131_072, 1024, 128))  # full: Flash-GMM's N is 1,048,576
+
+
+def em_iteration(device: str, cov: str, n: int, k: int, d: int, reps: int = 5) -> dict:
+    """One EM iteration (``_em.e_step`` + ``_em.m_step``: forward, backward, statistics, M-step)
+    on float32 data on ``device``, timed over ``reps`` after a warm-up, and the worst relative
+    error of its statistics (N_k, Σ r z, S2/M: relative to each one's largest element) against
+    the same E-step in float64."""
+    import torch
+
+    from fastgmmdiff import _em
+
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(n, d, generator=g) + 3 * torch.randn(k, d, generator=g)[torch.randint(0, k, (n,), generator=g)])
+    X = X.to(device)
+    means = X[torch.randperm(n, generator=g)[:k].to(device)].double()
+    if cov == "diag":
+        U = torch.full((k, d), 0.7, dtype=torch.float64, device=device)
+    else:
+        U = (0.7 * torch.eye(d, dtype=torch.float64, device=device)).expand(k, d, d).contiguous()
+        U = U + 0.02 * torch.triu(torch.randn(k, d, d, generator=g, dtype=torch.float64), 1).to(device)
+    logits = torch.zeros(k, dtype=torch.float64, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step():
+        st = _em.e_step(X, means, U, logits, cov)
+        return st, _em.m_step(st, means, cov, 1e-6, torch.finfo(torch.float32).eps)
+
+    st, _ = step()
+    ts = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    ref = _em.e_step(X.double(), means, U, logits, cov)
+    err = max(float((a - b).abs().max() / b.abs().max()) for a, b in ((st.Nk, ref.Nk), (st.S1, ref.S1),
+                                                                     (st.S2, ref.S2)))
+    return dict(cov=cov, N=n, K=k, D=d, ms=1e3 * min(ts), error=err)
+
+
+def test_em_iteration_runs():
+    """The device EM iteration's code on tiny CPU sizes (the GPU check runs it on the card)."""
+    r = em_iteration("cpu", "diag", 512, 8, 4, reps=1)
+    assert r["error"] < 1e-4 and r["ms"] > 0
+    r = em_iteration("cpu", "full", 512, 8, 4, reps=1)
+    assert r["error"] < 1e-4
+
+
+def device_table(device: str = "cuda", shapes=GPU_SHAPES):
+    import torch
+
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(f"one EM iteration (float32 kernels, statistics vs float64), {name}, torch {torch.__version__}")
+    print("| covariance | N | K | D | ms | max rel. error of the statistics |")
+    print("|---|---|---|---|---|---|")
+    for cov, n, k, d in shapes:
+        r = em_iteration(device, cov, n, k, d)
+        print(f"| {cov} | {n} | {k} | {d} | {r['ms']:.2f} | {r['error']:.1e} |")
+
+
 if __name__ == "__main__":
-    side_by_side()
+    import sys
+
+    if "--device" in sys.argv:
+        device_table(sys.argv[sys.argv.index("--device") + 1])
+    else:
+        side_by_side()

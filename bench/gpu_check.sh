@@ -35,6 +35,8 @@ $PY bench/render.py "$OUT/bench.json" --md "$OUT/table.md" --png "$OUT/speedup.p
 
 echo "== trainer step, NGMG backends ($(( $(date +%s) - t0 ))s)"
 timeout 30 $PY bench/bench_train.py --device cuda --reps 10 2>&1 | tee "$OUT/train_step.md" | tail -5
+echo "== EM iteration ($(( $(date +%s) - t0 ))s)"
+timeout 60 $PY bench/bench_em.py --device cuda 2>&1 | tee "$OUT/em.md" | tail -4
 echo "== done in $(( $(date +%s) - t0 ))s; table ($OUT/table.md):"
 cat "$OUT/card.txt"
 cut -c1-400 "$OUT/table.md" 2>/dev/null | grep -E "^\| (cuda|device)" || echo "(no table: see $OUT/bench.log)"
