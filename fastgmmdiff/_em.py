@@ -80,6 +80,12 @@ class Stats(NamedTuple):
     S2: Tensor
 
 
+def rows_for(chunk_size: Optional[int], K: int) -> int:
+    """Rows per chunk where a [C, K] array is formed (initialisation, predictions): the given
+    ``chunk_size``, or about 4M elements' worth."""
+    return chunk_size or max(1024, (1 << 22) // max(K, 1))
+
+
 def chunks(X: Tensor, chunk_size: Optional[int], device):
     """X in row chunks of ``chunk_size`` (all of it: None), each moved to ``device``."""
     N = X.shape[0]
@@ -223,6 +229,7 @@ def params_from_resp(X: Tensor, resp_fn, K: int, cov: str, reg_covar: float, *, 
     D = X.shape[1]
     dt = torch.float64
     eps = torch.finfo(X.dtype).eps  # scikit-learn's n_k + 10·eps is in the data's dtype
+    chunk_size = rows_for(chunk_size, K)
     nk = torch.zeros(K, dtype=dt, device=device)
     sx = torch.zeros(K, D, dtype=dt, device=device)
     i0 = 0
@@ -315,6 +322,7 @@ def kmeans_plusplus(X: Tensor, K: int, rng, *, chunk_size: Optional[int], device
     (centres [K, D], their global row indices)."""
     _, counts = _offsets(X.shape[0], device)
     n = sum(counts)
+    chunk_size = rows_for(chunk_size, K)
     first = int(rng.randint(n))
     centres = [_row(X, first, counts, device)]
     idx = [first]
@@ -360,6 +368,7 @@ def kmeans(X: Tensor, K: int, rng, *, chunk_size: Optional[int], device, max_ite
     less than ``tol`` × the data's mean variance (scikit-learn's criterion).  Returns the
     centres [K, D]; ``assign`` gives the labels."""
     centres, _ = kmeans_plusplus(X, K, rng, chunk_size=chunk_size, device=device)
+    chunk_size = rows_for(chunk_size, K)
     dt = X.dtype
     D = X.shape[1]
     s1 = torch.zeros(D, dtype=dt, device=device)
@@ -408,7 +417,7 @@ def log_resp_chunks(X: Tensor, means, prec_chol, logits, cov, chunk_size, device
 
     cv = "full" if cov == "tied" else cov
     U = prec_chol.expand(means.shape[0], *prec_chol.shape) if cov == "tied" else prec_chol
-    for xc in chunks(X, chunk_size, device):
+    for xc in chunks(X, rows_for(chunk_size, means.shape[0]), device):
         ell = component_log_prob(xc[None], means[None], U[None], logits[None], cv)[0]
         yield ell - torch.logsumexp(ell, -1, keepdim=True)
 

@@ -454,9 +454,9 @@ class GaussianMixture(nn.Module):
         return X, is_np
 
     def _work_device(self, X: Tensor):
-        if self.means is not None and not (self._device is not None):
-            return self.means.device
-        return torch.device(self._device) if self._device is not None else X.device
+        if self._device is not None:
+            return torch.device(self._device)
+        return self.means.device if self.means is not None else X.device
 
     def _chunk(self, X: Tensor, device) -> int | None:
         if self.chunk_size:
