@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import functional
+from . import convert, functional
 
 ESTIMATE_PRECISION_ERROR = (
     "Fitting the mixture model failed because some components have ill-defined empirical covariance "
@@ -55,15 +55,6 @@ def all_sum(*tensors: Tensor) -> None:
         return
     for t in tensors:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-
-
-def global_count(n: int, device) -> int:
-    """The number of points over every process."""
-    if not dist_active():
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device=device)
-    all_sum(t)
-    return int(t)
 
 
 # --- the E-step from the kernels ----------------------------------------------------------------
@@ -191,28 +182,12 @@ def m_step(st: Stats, means: Tensor, cov: str, reg_covar: float, eps: float) -> 
 
 
 def precision_cholesky(covariances: Tensor, cov: str) -> Tensor:
-    """scikit-learn's ``_compute_precision_cholesky``: 1/√c (diag, spherical) or U = L⁻ᵀ for
-    the covariance's lower Cholesky factor L (full, tied); ValueError as scikit-learn's where a
-    covariance is not positive definite."""
-    if cov in ("diag", "spherical"):
-        if bool((covariances <= 0).any()):
-            raise ValueError(ESTIMATE_PRECISION_ERROR)
-        return 1.0 / torch.sqrt(covariances)
-    L, info = torch.linalg.cholesky_ex(covariances)
-    if bool((info != 0).any()):
-        raise ValueError(ESTIMATE_PRECISION_ERROR)
-    eye = torch.eye(covariances.shape[-1], dtype=covariances.dtype, device=covariances.device)
-    return torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False).transpose(-1, -2)
-
-
-def precision_cholesky_from_precisions(precisions: Tensor, cov: str) -> Tensor:
-    """The upper U with Λ = U Uᵀ from precisions (scikit-learn's
-    ``_compute_precision_cholesky_from_precisions``: the Cholesky factor of the flipped matrix,
-    flipped back)."""
-    if cov in ("diag", "spherical"):
-        return torch.sqrt(precisions)
-    flip = precisions.flip(-1, -2)
-    return torch.linalg.cholesky(flip).flip(-1, -2)
+    """scikit-learn's ``_compute_precision_cholesky`` (``convert.covariance_to_prec_chol``), with
+    scikit-learn's error where a covariance is not positive definite."""
+    try:
+        return convert.covariance_to_prec_chol(covariances, cov)
+    except ValueError:
+        raise ValueError(ESTIMATE_PRECISION_ERROR) from None
 
 
 # --- statistics of given responsibilities (initialisation) --------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _em, functional
+from . import _em, convert, functional
 from .functional import gmm_log_prob, ngmg_loss
 
 _TYPES = ("full", "tied", "diag", "spherical")
@@ -408,18 +408,12 @@ class GaussianMixture(nn.Module):
     @property
     def precisions_(self):
         self._fitted_check("precisions_")
-        U = self.prec_chol.detach()
-        return self._out(U @ U.transpose(-1, -2) if self.covariance_type in ("full", "tied") else U * U)
+        return self._out(convert.prec_chol_to_precision(self.prec_chol.detach(), self.covariance_type))
 
     @property
     def covariances_(self):
         self._fitted_check("covariances_")
-        U = self.prec_chol.detach()
-        if self.covariance_type in ("full", "tied"):
-            eye = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device).expand_as(U)
-            Ui = torch.linalg.solve_triangular(U, eye, upper=True)  # Σ = (U Uᵀ)⁻¹ = U⁻ᵀ U⁻¹
-            return self._out(Ui.transpose(-1, -2) @ Ui)
-        return self._out(1.0 / (U * U))
+        return self._out(convert.prec_chol_to_covariance(self.prec_chol.detach(), self.covariance_type))
 
     # -- input ---------------------------------------------------------------------------------
     def _as_data(self, X, what: str, *, fit: bool = False):
@@ -573,7 +567,7 @@ class GaussianMixture(nn.Module):
         weights = as_t(self.weights_init) if self.weights_init is not None else P.weights / n
         means = as_t(self.means_init) if self.means_init is not None else P.means
         if self.precisions_init is not None:
-            U = _em.precision_cholesky_from_precisions(as_t(self.precisions_init), cov)
+            U = convert.precision_to_prec_chol(as_t(self.precisions_init), cov)
         else:
             U = P.prec_chol
         return _em.Params(weights, means, None, U)
