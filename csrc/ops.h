@@ -4,9 +4,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
+#include <limits>
 #include <string>
 #include <tuple>
-#include <limits>
 #include <utility>
 #include <vector>
 
@@ -225,7 +225,6 @@ inline at::Tensor ngmg_const(const at::Tensor& prec, const at::Tensor& logits, i
   diff = diff + (cov == kSpherical ? lr.select(-1, 0) * static_cast<double>(D) : lr.sum(-1));
   return (diff - at::logsumexp(diff, {-1}, /*keepdim=*/true)).contiguous();
 }
-
 
 // NGMG without normalisation, loss = −p: p = exp(logp) can pass the dtype's largest value
 // (loss −inf, logp finite).  Such a row's gradient terms are p·(finite), so one backward with

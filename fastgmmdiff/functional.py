@@ -7,8 +7,6 @@ registered in ``_autograd``.  The math is SPEC §1 and §2; the docstrings below
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -23,16 +21,14 @@ def _empty_like_result(c: _checks.Canonical, shape) -> Tensor:
     return x.new_zeros(shape, dtype=acc_dtype(c.dtype)) + 0 * tie
 
 
-def _run_log_prob(c: _checks.Canonical, b: _dispatch.Backend, normalize: bool = False) -> Tensor:
+def _run_log_prob(c: _checks.Canonical, b: _dispatch.Backend) -> Tensor:
     """log p shaped like the result (``c.out_shape``) in the accumulation dtype, through backend
     ``b``'s op.  Ops that take the API layout get the tensors as they are (no view ops, no
-    view nodes in the graph); the others get the canonical views, and ``normalize`` (those
-    only: NGMG's log p̃, its normaliser inside the logsumexp)."""
+    view nodes in the graph); the others get the canonical views."""
     if b.api_layout:
-        assert not normalize, "the compiled ops normalise in their fused ngmg op"
         return b.op()(*c.api, c.covariance_type)
     lp = b.op()(c.x.contiguous(), c.means.contiguous(), c.prec_chol.contiguous(),
-                c.logits.contiguous(), c.covariance_type, normalize)
+                c.logits.contiguous(), c.covariance_type)
     return lp if c.batched else lp.reshape(c.out_shape)
 
 
@@ -112,17 +108,21 @@ def _warn_outer(c: _checks.Canonical, x: Tensor, fn: str) -> None:
             OuterEvaluationWarning, stacklevel=3)
 
 
-def _targeted_log_prob(c: _checks.Canonical, b, t: Tensor, normalize: bool) -> Tensor:
-    """log N(z_n; μ_t, Σ_t) for t = target[n], or with ``normalize`` −½‖U_tᵀ(z_n − μ_t)‖² (its
-    log-normaliser never added, so never cancelled). [G, N], accumulation dtype.
-
-    The backend's target op reads only the target's component for each point.  Shaped like
-    the result (``c.out_shape``).  Backends whose ops take the canonical layout only: the
-    compiled ones run the fused ``fastgmmdiff::ngmg`` op instead."""
-    tg = t.reshape(c.G, c.N).contiguous()
-    lp = b.target_op()(c.x.contiguous(), c.means.contiguous(), c.prec_chol.contiguous(), tg,
-                       c.covariance_type, normalize)
-    return lp.reshape(c.out_shape)
+def _python_ngmg(c: _checks.Canonical, b, t: Tensor | None, normalize: bool) -> Tensor:
+    """NGMG's per-point loss through a Python backend's op pair, shaped like the result
+    (``c.out_shape``), accumulation dtype: −p̃ with ``normalize`` (the op returns log p̃, the
+    normaliser inside the logsumexp; with a target −½‖U_tᵀ(z − μ_t)‖², the log-normaliser never
+    added, so never cancelled), else −p, which can overflow where log p cannot
+    (``_autograd.NegExpOfOp`` keeps NaN out of its gradients).  With a target the backend's
+    target op reads only the target's component for each point.  The compiled backends run the
+    fused ``fastgmmdiff::ngmg`` op instead."""
+    op, last = (b.op(), c.logits) if t is None else (b.target_op(), t.reshape(c.G, c.N))
+    args = (c.x.contiguous(), c.means.contiguous(), c.prec_chol.contiguous(), last.contiguous())
+    if normalize:
+        loss = -torch.exp(op(*args, c.covariance_type, True))
+    else:
+        loss = _autograd.NegExpOfOp.apply(op, (c.covariance_type, False), *args)
+    return loss.reshape(c.out_shape)
 
 
 def backend_for(x: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, covariance_type: str = "diag", *,
@@ -188,7 +188,7 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
         total = sum(sc)
         parts = [ngmg_loss(z, means, prec_chol / s, logits, covariance_type, target=target, reduction="none",
                            backend=backend, validate=validate) * (s / total) for s in sc]
-        return _checks.reduce(functools.reduce(torch.add, parts), reduction)
+        return _checks.reduce(sum(parts[1:], parts[0]), reduction)
     c, b = _setup(z, means, prec_chol, logits, covariance_type, backend, validate, target is not None)
     _warn_outer(c, z, "ngmg_loss")
     if target is None:
@@ -199,14 +199,7 @@ def ngmg_loss(z: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor,
         loss = _empty_like_result(c, c.out_shape)
     elif b.api_layout:  # the compiled extension's fused NGMG (loss and its epilogue in the kernel)
         loss = torch.ops.fastgmmdiff.ngmg(*c.api, t, c.covariance_type, normalize)[0]
-    elif not normalize:  # −p, which can overflow: _autograd.NegExpOfOp keeps NaN out of the gradients
-        last = c.logits.contiguous() if t is None else t.reshape(c.G, c.N).contiguous()
-        op = b.op() if t is None else b.target_op()
-        loss = _autograd.NegExpOfOp.apply(op, (c.covariance_type, False), c.x.contiguous(), c.means.contiguous(),
-                                          c.prec_chol.contiguous(), last).reshape(c.out_shape)
-    elif t is None:  # log p̃ from the backend's log-density op
-        loss = -torch.exp(_run_log_prob(c, b, True))
     else:
-        loss = -torch.exp(_targeted_log_prob(c, b, t, True))
+        loss = _python_ngmg(c, b, t, normalize)
     loss = _checks.reduce(loss, reduction)
     return loss if loss.dtype == c.dtype else loss.to(c.dtype)
