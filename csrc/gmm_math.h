@@ -24,16 +24,25 @@ FASTGMMDIFF_HD T half_d_log_2pi(int64_t D) {
   return T(0.5 * kLog2Pi) * T(D);
 }
 
-// The precision-Cholesky gradient step (SPEC §1), from W = Σ_n w_nk and Sy, the weighted sum
-// of squares of the *scaled* distance y = s·z (so that a far point whose log-density is
-// representable never overflows it: z² can overflow where (s z)² ~ 2|log p| does not):
-//   diag (per d):  W/s − s Σ w z²_d  = W/s − Sy/s,      Sy = Σ_n w (s z_d)²   (n = 1)
-//   spherical:     D·W/s − s Σ w ‖z‖² = D·(W/s) − Sy/s,  Sy = Σ_n w ‖s z‖²    (n = D)
+// The precision-Cholesky gradient step (SPEC §1), from W = Σ_n w_nk and Sz = s Σ_n w z², each
+// term formed as w·(s z)·z (weighted_uz): every term has the size of what it contributes to
+// the gradient, so a far point whose gradient is representable never overflows it (z² can
+// overflow where (s z)·z does not) and a tiny NGMG weight does not flush a sum whose gradient
+// term is a normal number (Σ w (s z)² ≈ 1e-38 with s = 0.09: the term, Σ/s, is 1e-37):
+//   diag (per d):  W/s − s Σ w z²_d  = W/s − Sz,      Sz = Σ_n w (s z_d) z_d    (n = 1)
+//   spherical:     D·W/s − s Σ w ‖z‖² = D·(W/s) − Sz,  Sz = Σ_n w Σ_d (s z_d) z_d (n = D)
 // W/s before the factor D: NGMG without normalisation weights points by p, and D·W overflows
 // where the gradient does not (D = 17, s = 400: W = −3.3e37, ∂s = −1.4e36).
 template <typename T>
-FASTGMMDIFF_HD T prec_grad_scale(T n, T W, T s, T Sy) {
-  return n * (W / s) - Sy / s;
+FASTGMMDIFF_HD T prec_grad_scale(T n, T W, T s, T Sz) {
+  return n * (W / s) - Sz;
+}
+
+// w·u·z for the sum Sz above (u = s z), in the order that keeps a representable result from
+// an overflowed or flushed partial product: large w (|w| ≥ 1) last, small w first.
+template <typename W>
+FASTGMMDIFF_HD W weighted_uz(W w, W u, W z, bool big_w) {
+  return big_w ? w * (u * z) : (w * u) * z;
 }
 
 // w Λ z for diag/spherical: w·s·y with y = s·z the scaled distance, multiplied in the order

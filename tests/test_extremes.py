@@ -104,7 +104,9 @@ def test_random_extremes_against_float64(cov, D, op, seed, backend):
     torch.logsumexp's backward took the rounding of log p, K× too steep for K tied components;
     reference.logsumexp fixed it.  NGMG values missed the 1e-5 bar by up to 3.4× at D = 129
     until the normaliser went inside the logsumexp, item V; and the CPU's flushed w·z of a
-    p̃ = 4e-37 point lost a normal ∂x of 1e-34 until gmm_math.h weighted_lz.)  The upstream is all ones: with a
+    p̃ = 4e-37 point lost a normal ∂x of 1e-34 until gmm_math.h weighted_lz; rows of
+    p̃ ≈ 1e-36 still lost normal terms of ~1e-37 to flushed w·y, w·y² and g·r, in about one run
+    in a hundred, until the CPU backward carried such weights scaled: TINY_WEIGHT_CASES.)  The upstream is all ones: with a
     random-sign one, the logits gradient Σ g (r − π), formed as Σ g r − π Σ g by every
     implementation (plain PyTorch's log_softmax backward included), cancels by chance to 1e-6
     of its terms where far points give tied components r ≈ π — float32 summation, not the
@@ -113,6 +115,27 @@ def test_random_extremes_against_float64(cov, D, op, seed, backend):
         pytest.skip("too slow under Triton's CPU interpreter (D = 17 covers its chunked paths)")
     p = extreme_problem(cov, N=12, K=4, D=D, seed=seed)
     check_against_reference({k: v.requires_grad_() for k, v in p.items()}, cov, backend, op=op, upstream="ones")
+
+
+# extreme_problem seeds whose NGMG gradients the CPU kernels (denormals flushed) got wrong: a
+# point with p̃ ≈ 1e-36 whose gradient terms are normal numbers although w·y, w·y² or w = g·r
+# are not (∂x = 0 where float64 has 2e-37; a diag ∂s of −1.02284e-34 against −1.02169e-34 with
+# Σ w (s z)² ≈ 1e-38 flushed).  Found by 7,200 random problems per build; each failed before
+# the fix (csrc/cpu/kernels.inc TinyW and pow2_split, gmm_math.h weighted_uz).
+TINY_WEIGHT_CASES = [("full", 17, 162 * 7919 + 13), ("full", 129, 165 * 7919 + 13), ("full", 17, 142452523),
+                     ("diag", 129, 73 * 7919 + 13), ("diag", 17, 193 * 7919 + 5), ("diag", 17, 352 * 7919 + 5),
+                     ("spherical", 17, 85 * 7919 + 13)]
+
+
+@pytest.mark.parametrize("cov,D,problem_seed", TINY_WEIGHT_CASES, ids=lambda v: str(v))
+def test_tiny_ngmg_weights_keep_their_normal_gradient_terms(cov, D, problem_seed, backend):
+    """NGMG gradients of far points whose p̃ is a tiny normal number, against float64 within
+    the bars (elements of ~1e-37 included): the weights of such rows are carried scaled by a
+    power of two through the CPU backward and scaled back once per lane or per sum."""
+    if backend == "triton" and D == 129:
+        pytest.skip("too slow under Triton's CPU interpreter")
+    p = extreme_problem(cov, N=12, K=4, D=D, seed=problem_seed)
+    check_against_reference({k: v.requires_grad_() for k, v in p.items()}, cov, backend, op="ngmg", upstream="ones")
 
 
 @pytest.mark.parametrize("cov", ["diag", "spherical", "full"])

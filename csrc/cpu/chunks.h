@@ -119,7 +119,7 @@ struct ParamSums {
 
 // The gradients of means and prec_chol from folded sums (SPEC §1), written into gmu_out and
 // gprec_out (shaped like means and prec):
-//   diag W/s − S/s, S = Σ w (s z)²;  spherical D (W/s) − S/s, S = Σ w ‖s z‖²;
+//   diag W/s − S, S = Σ w (s z) z;  spherical D (W/s) − S, S = Σ w Σ_d (s z_d) z_d;
 //   full triu(diag(W / U_dd) − S), S = Σ w z yᵀ  (csrc/gmm_math.h).
 template <typename T>
 void finish_param_grads(const ParamSums<T>& s, const T* prec, int cov, T* gmu_out, T* gprec_out) {

@@ -178,9 +178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_target_backward_cpu(
                 gxr[d] -= lz;
                 gm[gk * D + d] += lz;
                 if (r.cov == kDiag)
-                  gs[gk * D + d] += w * yd * yd;  // Σ w (s z)²: csrc/gmm_math.h prec_grad_scale
+                  gs[gk * D + d] += (w * yd) * zd;  // Σ w (s z) z: csrc/gmm_math.h prec_grad_scale
                 else
-                  zz += yd * yd;
+                  zz += yd * zd;
               }
               if (r.cov == kSpherical) gs[gk] += w * zz;
             }

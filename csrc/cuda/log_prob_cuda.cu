@@ -228,7 +228,7 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
         add_out(gmu + gk * D + d, m, atomic);
       }
     } else if (COV == kSpherical) {
-      // ∂s_k = (D W − Σ_n w ‖s z‖²)/s; ∂μ_k = s² Σ_n w z.
+      // ∂s_k = D W/s − Σ_n w Σ_d (s z_d) z_d; ∂μ_k = s² Σ_n w z.
       const T s = ldg(pr);
       for (int d = tid; d < D; d += B) {
         const T md = ldg(mu + d);
@@ -241,8 +241,8 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
         for (int i = 0; i < B; ++i) {
           T zz = 0;
           for (int d = 0; d < D; ++d) {
-            const T y = (xs[i * D + d] - ldg(mu + d)) * s;
-            zz += y * y;
+            const T z = xs[i * D + d] - ldg(mu + d);
+            zz += (z * s) * z;
           }
           szz += ws[i] * zz;
         }
@@ -255,7 +255,7 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
         for (int i = 0; i < B; ++i) {
           const T z = xs[i * D + d] - md, y = z * s;
           sz += ws[i] * z;
-          szz += ws[i] * y * y;
+          szz += weighted_uz(ws[i], y, z, (ws[i] < T(0) ? -ws[i] : ws[i]) >= T(1));
         }
         add_out(gmu + gk * D + d, s * s * sz, atomic);
         add_out(gprec + gk * D + d, prec_grad_scale(T(1), W, s, szz), atomic);
@@ -335,8 +335,8 @@ __global__ void target_bwd_kernel(const T* __restrict__ grad, const T* __restric
       const T lz = (w * z) * s * s;
       if (shared_x) atomicAdd(gxr + d, -lz); else gxr[d] = -lz;
       atomicAdd(gmu + gk * D + d, lz);
-      if (COV == kDiag) atomicAdd(gprec + gk * D + d, prec_grad_scale(T(1), w, s, w * y * y));
-      else zz += y * y;
+      if (COV == kDiag) atomicAdd(gprec + gk * D + d, prec_grad_scale(T(1), w, s, weighted_uz(w, y, z, (w < T(0) ? -w : w) >= T(1))));
+      else zz += y * z;
     }
     if (COV == kSpherical) {
       const T s = ldg(pr);
