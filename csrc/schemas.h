@@ -24,6 +24,11 @@ inline void define_schemas(torch::Library& m) {
   // normalize: the forward's, which says what the saved logp is relative to.
   m.def("ngmg_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, "
         "Tensor loss, Tensor logp, str covariance_type, bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The E-step's statistics of x [N, D] under one mixture, one fused pass (CPU; GaussianMixture.fit):
+  // (Σ log p, N_k, S1 = Σ r z, S2 = Σ r z² | Σ r ‖z‖² | Σ r y yᵀ upper triangle, y = U_kᵀz), float64,
+  // z = x − μ_k.
+  m.def("em_stats(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, str covariance_type) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace fastgmmdiff

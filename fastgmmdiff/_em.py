@@ -20,6 +20,14 @@ triu(Uᵀ triu(M U)) = triu(Y), then M = U⁻ᵀ Y U⁻¹.  The sums are linear 
 of the data (``chunk_size``) and processes (``torch.distributed``) add their raw gradients and
 counts, and the recovery runs once on the totals.
 
+On the ``cpu`` backend (CPU parameters, float32/float64 data) the E-step is instead the
+kernels' one fused pass, ``fastgmmdiff::em_stats`` (csrc/cpu/kernels.inc em_impl): per tile
+of points every component's ℓ, the responsibilities as their softmax (max and sum: one exp
+per point and component), and N_k, S1, S2 (diag/spherical) or the whitened Y = Σ r y yᵀ
+(full/tied, y = Uᵀz; M = U⁻ᵀ Y U⁻¹ here in float64, so float32 data keeps every entry of M to
+its own relative accuracy) added in float64 — no forward/backward pair, no ∂x
+(``_e_step_fused``).
+
 The M-step is scikit-learn's (``sklearn.mixture._gaussian_mixture``): n_k = N_k + 10·eps,
 μ = Σ r x / n_k, covariances with ``reg_covar`` on the diagonal, weights n_k / Σ n_k, the
 precision Cholesky factor from the covariance's Cholesky factor — written about the old means
@@ -90,8 +98,10 @@ def e_step(X: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, cov: str
     """The E-step's statistics (module docstring) for the local X [N, D] and, under
     torch.distributed, every process's; parameters are the current ones (no G axis)."""
     dt = X.dtype  # the kernels run in the data's dtype; the statistics come back in the parameters'
-    params = [t.detach().to(dt).requires_grad_() for t in (means, prec_chol, logits)]
     dev = means.device
+    if _fused(backend, dev, dt):
+        return _e_step_fused(X, means, prec_chol, logits, cov, chunk_size)
+    params = [t.detach().to(dt).requires_grad_() for t in (means, prec_chol, logits)]
     raw = [torch.zeros_like(p) for p in params]
     sum_logp = torch.zeros((), dtype=torch.float64, device=dev)
     n = 0
@@ -110,6 +120,58 @@ def e_step(X: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, cov: str
     sum_logp = sum_logp.to(means.dtype)
     all_sum(sum_logp, n_all, *raw)
     return recover(raw, int(n_all.item()), sum_logp, means.detach(), prec_chol.detach(), logits.detach(), cov)
+
+
+def _fused(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the E-step runs as the CPU kernels' one fused pass (``fastgmmdiff::em_stats``):
+    CPU parameters, float32/float64 data, and ``backend`` "cpu", or "auto" where it picks "cpu"."""
+    from . import _dispatch
+
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return False
+    if backend == "auto":
+        return _dispatch.resolve("auto", device).name == "cpu"
+    return backend == "cpu" and _dispatch.resolve("cpu", device).name == "cpu"
+
+
+def _e_step_fused(X: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, cov: str,
+                  chunk_size: Optional[int]) -> Stats:
+    """e_step on the CPU kernels' fused E-step (one pass over each chunk: ℓ of every component,
+    the responsibilities as their softmax, and the sums about the current means in float64;
+    no gradients, no N×K array).  tied runs as full with its factor shared by the components,
+    and its M summed over them."""
+    dt, dev = X.dtype, means.device
+    K, D = means.shape
+    U = prec_chol.detach()
+    kernel_cov = "full" if cov == "tied" else cov
+    if cov == "tied":
+        U = U.expand(K, D, D)
+    args = [t.detach().to(dt).contiguous() for t in (means, U, logits)]
+    acc = None
+    n = 0
+    for xc in chunks(X, chunk_size, dev):
+        if xc.shape[0] == 0:
+            continue
+        part = torch.ops.fastgmmdiff.em_stats(xc.contiguous(), *args, kernel_cov)
+        acc = list(part) if acc is None else [a + b for a, b in zip(acc, part)]
+        n += xc.shape[0]
+    if acc is None:
+        z = torch.zeros((), dtype=torch.float64)
+        acc = [z, torch.zeros(K, dtype=torch.float64), torch.zeros(K, D, dtype=torch.float64),
+               torch.zeros((K, D) if cov == "diag" else (K,) if cov == "spherical" else (K, D, D), dtype=torch.float64)]
+    sum_logp, Nk, S1, S2 = (a.to(means.dtype) for a in acc)
+    if kernel_cov == "full":  # whitened Y = Σ r y yᵀ (entries d ≤ e): M = U⁻ᵀ Y U⁻¹ in float64
+        up = S2.triu()
+        Y = up + up.transpose(-1, -2) - torch.diag_embed(torch.diagonal(up, dim1=-2, dim2=-1))
+        Uf = prec_chol.detach().to(S2.dtype)
+        if cov == "tied":
+            Y = Y.sum(0)
+        B = _lower_inv_t(Uf, Y)  # U⁻ᵀ Y
+        M = _lower_inv_t(Uf, B.transpose(-1, -2)).transpose(-1, -2)  # U⁻ᵀ Y U⁻¹
+        S2 = 0.5 * (M + M.transpose(-1, -2))
+    n_all = torch.tensor([float(n)], dtype=means.dtype, device=dev)
+    all_sum(sum_logp, n_all, Nk, S1, S2)
+    return Stats(sum_logp, int(n_all.item()), Nk, S1, S2)
 
 
 def _lower_inv_t(U: Tensor, B: Tensor) -> Tensor:

@@ -289,3 +289,94 @@ def test_sample_statistics(datasets, cov):
         se = np.sqrt(np.diag(C) / len(pts))
         assert (np.abs(pts.mean(0) - m.means_[k]) < 5 * se).all()
         assert np.abs(np.cov(pts.T) - C).max() < 0.1 * np.abs(C).max()
+
+
+# --- the CPU kernels' fused E-step (fastgmmdiff::em_stats) ----------------------------------------
+
+
+def _stats_reference(X, means, U, logits, cov):
+    """The E-step's statistics in float64 by plain PyTorch: r = softmax of every component's
+    log-density (fastgmmdiff.reference), sums about the given means."""
+    from fastgmmdiff import reference
+
+    X, means, U, logits = (t.double() for t in (X, means, U, logits))
+    lp = reference.component_log_prob(X, means, U, logits, cov)  # [N, K]
+    r = torch.softmax(lp, -1)
+    z = X[:, None, :] - means  # [N, K, D]
+    Nk = r.sum(0)
+    S1 = (r[..., None] * z).sum(0)
+    if cov == "diag":
+        S2 = (r[..., None] * z * z).sum(0)
+    elif cov == "spherical":
+        S2 = (r * (z * z).sum(-1)).sum(0)
+    else:
+        S2 = torch.einsum("nk,nkd,nke->kde", r, z, z)
+        if cov == "tied":
+            S2 = S2.sum(0)
+    return torch.logsumexp(lp, -1).sum(), Nk, S1, S2
+
+
+def _stats_problem(cov, N, K, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = 4 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    X = centres[torch.randint(K, (N,), generator=g)] + torch.randn(N, D, generator=g, dtype=torch.float64)
+    X[: N // 7] *= 30  # far points: responsibilities near 0 and 1
+    means = centres + 0.5 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    if cov == "diag":
+        U = 0.3 + torch.rand(K, D, generator=g, dtype=torch.float64)
+    elif cov == "spherical":
+        U = 0.3 + torch.rand(K, generator=g, dtype=torch.float64)
+    else:
+        A = torch.randn(K if cov == "full" else 1, D, D, generator=g, dtype=torch.float64)
+        U = torch.linalg.cholesky(torch.linalg.inv(A @ A.mT / D + 0.5 * torch.eye(D, dtype=torch.float64))).mT
+        U = U.contiguous() if cov == "full" else U[0].contiguous()
+    logits = torch.randn(K, generator=g, dtype=torch.float64)
+    return X.to(dtype), means, U, logits
+
+
+@pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("cov", COVS)
+@pytest.mark.parametrize("N", [1, 63, 64, 200])
+def test_fused_e_step_against_float64(cov, dtype, N, seed):
+    """GaussianMixture.fit on CPU runs each E-step as one fused pass of the CPU kernels (no
+    gradients, no N×K array): every statistic element by element against plain PyTorch in
+    float64 on the same (dtype-rounded) values, within the gradient bar of the data's dtype;
+    N around the 64-point tile (padding lanes must add nothing); chunked data gives the same
+    sums; one and two threads give the same bits."""
+    from fastgmmdiff import _em
+    from fastgmmdiff.testing import assert_close_per_element, bars
+
+    K, D = 5, 7
+    X, means, U, logits = _stats_problem(cov, N, K, D, dtype, seed)
+    assert _em._fused("auto", torch.device("cpu"), dtype)
+    st = _em.e_step(X, means, U, logits, cov)
+    ref = _stats_reference(X, means, U, logits, cov)
+    bar = bars(dtype).grad
+    assert st.n == N
+    assert_close_per_element(st.sum_logp, ref[0], bar, "Σ log p")
+    for name, out, r in zip(("N_k", "S1", "S2"), (st.Nk, st.S1, st.S2), ref[1:]):
+        assert out.shape == r.shape, (name, out.shape, r.shape)
+        assert_close_per_element(out, r, bar, f"{cov} {dtype} {name}")
+    chunked = _em.e_step(X, means, U, logits, cov, chunk_size=max(1, N // 3))
+    for name, a, b in zip(("N_k", "S1", "S2"), (chunked.Nk, chunked.S1, chunked.S2), ref[1:]):
+        assert_close_per_element(a, b, bar, f"chunked {name}")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _em.e_step(X, means, U, logits, cov)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one[2:], st[2:]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")
+def test_fused_e_step_takes_only_its_layouts():
+    """em_stats is the estimator's internal op: one mixture, diag/spherical/full; anything else
+    is a clear error."""
+    x, m, u, lg = torch.randn(10, 3), torch.randn(2, 3), torch.rand(2, 3) + 0.5, torch.zeros(2)
+    with pytest.raises(RuntimeError, match="one mixture"):
+        torch.ops.fastgmmdiff.em_stats(x[None], m, u, lg, "diag")
+    with pytest.raises(RuntimeError, match="covariance_type"):
+        torch.ops.fastgmmdiff.em_stats(x, m, u, lg, "tied")

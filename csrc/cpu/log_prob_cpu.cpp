@@ -106,6 +106,17 @@ void run_fwd_one(const Problem<T>& p, const T* lg, T* out, int64_t b, int64_t e)
 }
 
 template <typename T>
+void run_em(const Problem<T>& p, double* acc, double* lsum, int64_t b, int64_t e) {
+  switch (current_isa()) {
+#if defined(__x86_64__)
+    case kAvx512: return avx512::em(p, acc, lsum, b, e);
+    case kAvx2: return avx2::em(p, acc, lsum, b, e);
+#endif
+    default: return baseline::em(p, acc, lsum, b, e);
+  }
+}
+
+template <typename T>
 void run_bwd_one(const Problem<T>& p, const T* lg, const T* grad, const T* logp, T* gx, T* gmu, T* gprec, T* glog,
                  int64_t b, int64_t e) {
   switch (current_isa()) {
@@ -327,6 +338,46 @@ at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::
   return api_rows(one_point(r) ? forward_one(r) : std::get<0>(forward_impl(r, Fused{})), r.v);
 }
 
+// The E-step's statistics in one fused pass (kernels.inc em_impl): x [N, D] under one mixture
+// (means [K, D], prec_chol diag [K, D] | spherical [K] | full [K, D, D], logits [K]) →
+// (Σ log p [], N_k [K], S1 [K, D], S2: diag [K, D] | spherical [K] | full [K, D, D], the
+// whitened Σ r y yᵀ with y = U_kᵀz, entries d ≤ e), all float64, about the given means.  Tiles split into a fixed number of
+// chunks summed in order: the same bits for any thread count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_stats_cpu(const at::Tensor& x, const at::Tensor& means,
+                                                                        const at::Tensor& prec,
+                                                                        const at::Tensor& logits,
+                                                                        c10::string_view covariance_type) {
+  FGD_CHECK(x.dim() == 2 && means.dim() == 2 && logits.dim() == 1,
+            "em_stats takes x [N, D], means [K, D] and logits [K] (one mixture); got x ", x.sizes(), ", means ",
+            means.sizes(), ", logits ", logits.sizes());
+  FGD_CHECK(covariance_type == "diag" || covariance_type == "spherical" || covariance_type == "full",
+            "em_stats takes covariance_type 'diag', 'spherical' or 'full' (tied: pass U expanded to [K, D, D]); "
+            "got '", std::string(covariance_type), "'");
+  Prepared r = prepare(x, means, prec, logits, covariance_type, false);
+  FGD_CHECK(r.G == 1 && r.Gx == 1, "em_stats takes one mixture");
+  const int64_t K = r.K, D = r.D, ps = r.cov == kDiag ? D : r.cov == kSpherical ? 1 : D * D;
+  const int64_t per = K * (1 + D + ps) + 1;  // N_k, S1, S2, Σ log p
+  const int64_t tiles = (r.N + kTile - 1) / kTile;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>({kMaxChunks, tiles, (tiles * work_per_item(r)) >> 18}));
+  at::Tensor buf = at::zeros({chunks, per}, r.x.options().dtype(at::kDouble));
+  double* bp = buf.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_em_stats_cpu", [&] {
+    const Problem<scalar_t> p = problem<scalar_t>(r);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        run_em(p, bp + c * per, bp + c * per + per - 1, c * tiles / chunks, (c + 1) * tiles / chunks);
+    });
+  });
+  for (int64_t c = 1; c < chunks; ++c)
+    for (int64_t i = 0; i < per; ++i) bp[i] += bp[c * per + i];
+  at::Tensor tot = buf[0];
+  at::Tensor S2 = tot.narrow(0, K * (1 + D), K * ps);
+  S2 = r.cov == kDiag ? S2.view({K, D}) : r.cov == kSpherical ? S2.view({K}) : S2.view({K, D, D});
+  return {tot[per - 1].clone(), tot.narrow(0, 0, K).clone(), tot.narrow(0, K, K * D).view({K, D}).clone(),
+          S2.clone()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
     const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
@@ -426,4 +477,5 @@ TORCH_LIBRARY_IMPL(fastgmmdiff, CPU, m) {
   m.impl("log_prob_backward", &fastgmmdiff::cpu::log_prob_backward_cpu);
   m.impl("ngmg", &fastgmmdiff::cpu::ngmg_cpu);
   m.impl("ngmg_backward", &fastgmmdiff::cpu::ngmg_backward_cpu);
+  m.impl("em_stats", &fastgmmdiff::cpu::em_stats_cpu);
 }

@@ -89,6 +89,8 @@ inline bool use_one_point(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, 
 // bwd: gx rows of those items (written, not accumulated), and `acc` += their parameter sums.
 // fwd_one / bwd_one: one point per mixture (use_one_point), rows [b, e): log p, and the final
 //   gradients of those rows' mixtures (written); a [G, K] is not used (computed per row).
+// em: the E-step's sums over tiles [b, e) of one mixture (G = 1), added to acc (double,
+//   [N_k | S1 | S2]) and lsum (Σ log p); kernels.inc em_impl.
 #define FASTGMMDIFF_DECLARE_KERNELS(NS)                                                        \
   namespace NS {                                                                               \
   void fwd(const Problem<float>& p, float* out, int64_t begin, int64_t end);                   \
@@ -110,6 +112,8 @@ inline bool use_one_point(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, 
   void bwd_one(const Problem<double>& p, const double* logits, const double* grad,             \
                const double* logp, double* gx, double* gmu, double* gprec, double* glog,       \
                int64_t b, int64_t e);                                                          \
+  void em(const Problem<float>& p, double* acc, double* lsum, int64_t b, int64_t e);           \
+  void em(const Problem<double>& p, double* acc, double* lsum, int64_t b, int64_t e);          \
   }
 
 FASTGMMDIFF_DECLARE_KERNELS(avx512)
