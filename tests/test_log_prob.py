@@ -278,6 +278,22 @@ def test_far_rows_gradients_do_not_inherit_the_rounding_of_log_p(layout, cov, se
     assert_close_per_element(gx, rx, 1e-5, "d/dx")
 
 
+@pytest.mark.parametrize("D", [8, 16, 64, 72])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.interpreter_heavy
+def test_one_point_per_mixture_log_determinants(D, dtype, seed, backend):
+    """One point per mixture (an MDN's loss), diag, D a multiple of the vector width: the CPU
+    kernels take Σ_d log s_kd as one log of a product of mantissas per component (logdet_rows;
+    D = 72 > 64 and entries that are not positive normal numbers take a log per entry): values
+    and gradients against float64 within the bars, precisions from 1e-3 to 1e3."""
+    p = random_problem("diag", 61, N=1, K=5, D=D, dtype=dtype, seed=seed, requires_grad=False)
+    g = torch.Generator().manual_seed(seed)
+    p["prec_chol"] = 10 ** (6 * torch.rand(p["prec_chol"].shape, generator=g, dtype=torch.float64) - 3)
+    p["prec_chol"] = p["prec_chol"].to(dtype)
+    p = {k: v.requires_grad_() for k, v in p.items()}
+    _check_against_reference(p, "diag", backend, shape_out=(61, 1))
+
+
 @pytest.mark.parametrize("N", [1, 3])
 def test_many_tiny_mixtures_do_not_depend_on_the_thread_count(N, seed):
     """Row tiles split into chunks at mixture boundaries, each mixture summed in row order: the
