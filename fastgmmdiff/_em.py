@@ -127,11 +127,9 @@ def _fused(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     CPU parameters, float32/float64 data, and ``backend`` "cpu", or "auto" where it picks "cpu"."""
     from . import _dispatch
 
-    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64) or backend not in ("auto", "cpu"):
         return False
-    if backend == "auto":
-        return _dispatch.resolve("auto", device).name == "cpu"
-    return backend == "cpu" and _dispatch.resolve("cpu", device).name == "cpu"
+    return _dispatch.resolve(backend, device).name == "cpu"
 
 
 def _e_step_fused(X: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, cov: str,
@@ -160,15 +158,9 @@ def _e_step_fused(X: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, c
         acc = [z, torch.zeros(K, dtype=torch.float64), torch.zeros(K, D, dtype=torch.float64),
                torch.zeros((K, D) if cov == "diag" else (K,) if cov == "spherical" else (K, D, D), dtype=torch.float64)]
     sum_logp, Nk, S1, S2 = (a.to(means.dtype) for a in acc)
-    if kernel_cov == "full":  # whitened Y = Σ r y yᵀ (entries d ≤ e): M = U⁻ᵀ Y U⁻¹ in float64
-        up = S2.triu()
-        Y = up + up.transpose(-1, -2) - torch.diag_embed(torch.diagonal(up, dim1=-2, dim2=-1))
-        Uf = prec_chol.detach().to(S2.dtype)
-        if cov == "tied":
-            Y = Y.sum(0)
-        B = _lower_inv_t(Uf, Y)  # U⁻ᵀ Y
-        M = _lower_inv_t(Uf, B.transpose(-1, -2)).transpose(-1, -2)  # U⁻ᵀ Y U⁻¹
-        S2 = 0.5 * (M + M.transpose(-1, -2))
+    if kernel_cov == "full":  # whitened Y = Σ r y yᵀ (entries d ≤ e), tied: summed over k
+        Yu = S2.triu()
+        S2 = _unwhiten(prec_chol.detach().to(S2.dtype), Yu.sum(0) if cov == "tied" else Yu)
     n_all = torch.tensor([float(n)], dtype=means.dtype, device=dev)
     all_sum(sum_logp, n_all, Nk, S1, S2)
     return Stats(sum_logp, int(n_all.item()), Nk, S1, S2)
@@ -177,6 +169,14 @@ def _e_step_fused(X: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, c
 def _lower_inv_t(U: Tensor, B: Tensor) -> Tensor:
     """U⁻ᵀ B for upper triangular U (batched)."""
     return torch.linalg.solve_triangular(U.transpose(-1, -2), B, upper=False)
+
+
+def _unwhiten(U: Tensor, Yu: Tensor) -> Tensor:
+    """M = U⁻ᵀ Y U⁻¹ (symmetric) from the upper triangle Yu of the symmetric Y = Uᵀ M U."""
+    Y = Yu + Yu.transpose(-1, -2) - torch.diag_embed(torch.diagonal(Yu, dim1=-2, dim2=-1))
+    B = _lower_inv_t(U, Y)  # U⁻ᵀ Y
+    M = _lower_inv_t(U, B.transpose(-1, -2)).transpose(-1, -2)  # U⁻ᵀ Y U⁻¹
+    return 0.5 * (M + M.transpose(-1, -2))
 
 
 def recover(raw, n: int, sum_logp: Tensor, means: Tensor, U: Tensor, logits: Tensor, cov: str) -> Stats:
@@ -198,10 +198,7 @@ def recover(raw, n: int, sum_logp: Tensor, means: Tensor, U: Tensor, logits: Ten
     diag = torch.diagonal(U, dim1=-2, dim2=-1)
     MU = (torch.diag_embed(W[..., None] / diag) - gU).triu()  # triu(M U)
     Yu = (U.transpose(-1, -2) @ MU).triu()  # triu(Uᵀ M U)
-    Y = Yu + Yu.transpose(-1, -2) - torch.diag_embed(torch.diagonal(Yu, dim1=-2, dim2=-1))
-    B = _lower_inv_t(U, Y)  # U⁻ᵀ Y
-    M = _lower_inv_t(U, B.transpose(-1, -2)).transpose(-1, -2)  # U⁻ᵀ Y U⁻¹
-    return Stats(sum_logp, n, Nk, S1, 0.5 * (M + M.transpose(-1, -2)))
+    return Stats(sum_logp, n, Nk, S1, _unwhiten(U, Yu))
 
 
 # --- the M-step ---------------------------------------------------------------------------------

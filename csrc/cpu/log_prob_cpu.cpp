@@ -341,8 +341,9 @@ at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::
 // The E-step's statistics in one fused pass (kernels.inc em_impl): x [N, D] under one mixture
 // (means [K, D], prec_chol diag [K, D] | spherical [K] | full [K, D, D], logits [K]) →
 // (Σ log p [], N_k [K], S1 [K, D], S2: diag [K, D] | spherical [K] | full [K, D, D], the
-// whitened Σ r y yᵀ with y = U_kᵀz, entries d ≤ e), all float64, about the given means.  Tiles split into a fixed number of
-// chunks summed in order: the same bits for any thread count.
+// whitened Σ r y yᵀ with y = U_kᵀz, entries d ≤ e), all float64, about the given means.  Tiles
+// split as the backward's (ChunkPlan), the chunks' sums added in order: the same bits for any
+// thread count.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_stats_cpu(const at::Tensor& x, const at::Tensor& means,
                                                                         const at::Tensor& prec,
                                                                         const at::Tensor& logits,
@@ -358,18 +359,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_stats_cpu(const at
   const int64_t K = r.K, D = r.D, ps = r.cov == kDiag ? D : r.cov == kSpherical ? 1 : D * D;
   const int64_t per = K * (1 + D + ps) + 1;  // N_k, S1, S2, Σ log p
   const int64_t tiles = (r.N + kTile - 1) / kTile;
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>({kMaxChunks, tiles, (tiles * work_per_item(r)) >> 18}));
-  at::Tensor buf = at::zeros({chunks, per}, r.x.options().dtype(at::kDouble));
+  const ChunkPlan plan(tiles, 1, false, per * static_cast<int64_t>(sizeof(double)), tiles * work_per_item(r));
+  at::Tensor buf = at::zeros({plan.nbuf, per}, r.x.options().dtype(at::kDouble));
   double* bp = buf.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_em_stats_cpu", [&] {
     const Problem<scalar_t> p = problem<scalar_t>(r);
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        run_em(p, bp + c * per, bp + c * per + per - 1, c * tiles / chunks, (c + 1) * tiles / chunks);
-    });
+    plan.run([&](int64_t b, int64_t e, int64_t c) { run_em(p, bp + c * per, bp + c * per + per - 1, b, e); });
   });
-  for (int64_t c = 1; c < chunks; ++c)
+  for (int64_t c = 1; c < plan.nbuf; ++c)
     for (int64_t i = 0; i < per; ++i) bp[i] += bp[c * per + i];
   at::Tensor tot = buf[0];
   at::Tensor S2 = tot.narrow(0, K * (1 + D), K * ps);
