@@ -253,3 +253,24 @@ def test_defects_table_gives_the_mean_and_its_confidence_interval():
     reps = [dict(conditioning="feature", aux="ngmg-ms", seen=0.5, held_out=0.6, feature_error_seen=0.1,
                  feature_error_held_out=0.2, seed=s) for s in range(3)]
     assert "| feature | ngmg-ms | 3 | 0.500 [0.500, 0.500] |" in summarize(reps)
+    # rates: the interval is clipped to [0, 1] (0.9 ± 0.248 → [0.652, 1.000])
+    assert _mean_ci(np.array([0.8, 1.0, 0.9])) == "0.900 [0.652, 1.000]"
+
+
+def test_defects_contrasts_give_welch_intervals():
+    """feature − class: means 0.75 and 0.95, sds 0.05 and 0.1, n = 3 each: se = √(0.05²/3 +
+    0.1²/3) = 0.06455, Welch dof = 2.941, t(0.975, 2.941) = 3.2188 → −0.200 ± 0.2078."""
+    import numpy as np
+
+    from fastgmmdiff.experiments.defects import _diff_ci, contrasts
+
+    a, b = np.array([0.7, 0.8, 0.75]), np.array([0.85, 1.05, 0.95])
+    assert _diff_ci(a, b) == "-0.200 [-0.408, +0.008]"
+    assert _diff_ci(a, b - 0.1) == "-0.100 [-0.308, +0.108]"
+    assert _diff_ci(np.array([0.2, 0.3, 0.25]), b) == "-0.700 [-0.908, -0.492]*"
+    assert _diff_ci(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == "+0.000"
+    reps = [dict(conditioning=c, aux="none", seen=v, held_out=v, feature_error_seen=v, feature_error_held_out=v)
+            for c, vals in (("feature", a), ("class", b)) for v in vals]
+    table = contrasts(reps)
+    assert "| feature − class, aux none | -0.200 [-0.408, +0.008] |" in table
+    assert contrasts(reps[:1] + reps[3:]) == ""  # one feature seed: no interval, no row

@@ -6,9 +6,10 @@ Trains, on ``shapes`` with combinations held out, one model per (conditioning �
 class}) × (aux ∈ {none, bce, ngmg, ngmg-ms}) × seed; samples ``--per-combination`` images of every
 combination (class conditioning reaches a held-out combination only through a fresh, untrained
 component — SPEC §3); and reports defect rates on the seen and the held-out combinations, the
-mean over seeds with its 95% confidence interval, as ``defects.md`` (a markdown table, also
-printed) and ``defects.png``.  Each run lives in ``<out>/<conditioning>-<aux>-seed<k>``; a finished run is
-reused (its ``defects.json``), an unfinished one resumes from its checkpoint.
+mean over seeds with its 95% confidence interval and the differences between configurations
+with theirs (Welch), as ``defects.md`` (markdown tables, also printed) and ``defects.png``.
+Each run lives in ``<out>/<conditioning>-<aux>-seed<k>``; a finished run is reused (its
+``defects.json``), an unfinished one resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -81,13 +82,36 @@ def _cpu_name() -> str:
 
 
 def _mean_ci(v) -> str:
-    """Mean and its 95% confidence interval over seeds (Student's t: few seeds)."""
+    """Mean and its 95% confidence interval over seeds (Student's t: few seeds), the interval
+    clipped to [0, 1]: every column is a rate."""
     if len(v) < 2:
         return f"{v.mean():.3f}"
     from scipy.stats import t
 
     half = t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return f"{v.mean():.3f} [{v.mean() - half:.3f}, {v.mean() + half:.3f}]"
+    return f"{v.mean():.3f} [{max(v.mean() - half, 0.0):.3f}, {min(v.mean() + half, 1.0):.3f}]"
+
+
+def _diff_ci(a, b) -> str:
+    """mean(a) − mean(b) with its 95% Welch interval (unequal variances, few seeds); a ``*``
+    where the interval excludes 0."""
+    from scipy.stats import t
+
+    d = a.mean() - b.mean()
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = np.sqrt(va + vb)
+    if se == 0:
+        return f"{d:+.3f}" + ("*" if d != 0 else "")
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t.ppf(0.975, dof) * se
+    return f"{d:+.3f} [{d - half:+.3f}, {d + half:+.3f}]" + ("*" if abs(d) > half else "")
+
+
+def _values(reports, c, a, key):
+    return np.array([r[key] for r in reports if r["conditioning"] == c and r["aux"] == a])
+
+
+KEYS = ("seen", "held_out", "feature_error_seen", "feature_error_held_out")
 
 
 def summarize(reports: list) -> str:
@@ -98,10 +122,31 @@ def summarize(reports: list) -> str:
             rs = [r for r in reports if r["conditioning"] == c and r["aux"] == a]
             if not rs:
                 continue
-            fmt = lambda key: _mean_ci(np.array([r[key] for r in rs]))  # noqa: E731
+            fmt = lambda key: _mean_ci(_values(reports, c, a, key))  # noqa: E731
             rows.append(f"| {c} | {a} | {len(rs)} | {fmt('seen')} | {fmt('held_out')} | "
                         f"{fmt('feature_error_seen')} | {fmt('feature_error_held_out')} |")
     return "\n".join(rows)
+
+
+def contrasts(reports: list) -> str:
+    """The differences the claims are about, each with its 95% Welch interval (``*``: excludes
+    0): feature − class conditioning per aux loss, and every aux loss against each earlier one
+    (bce − none, …, ngmg-ms − bce, …) per conditioning.  Empty when no pair has ≥ 2 seeds on
+    both sides."""
+    pairs = [(f"feature − class, aux {a}", ("feature", a), ("class", a)) for a in AUX]
+    pairs += [(f"{c}: aux {a} − {b}", (c, a), (c, b)) for c in CONDITIONINGS
+              for i, a in enumerate(AUX) for b in AUX[:i]]
+    rows = []
+    for name, (c1, a1), (c2, a2) in pairs:
+        va = [_values(reports, c1, a1, k) for k in KEYS]
+        vb = [_values(reports, c2, a2, k) for k in KEYS]
+        if len(va[0]) < 2 or len(vb[0]) < 2:
+            continue
+        rows.append(f"| {name} | " + " | ".join(_diff_ci(x, y) for x, y in zip(va, vb)) + " |")
+    if not rows:
+        return ""
+    return "\n".join(["| difference | defects, seen | defects, held out | feature error, seen "
+                      "| feature error, held out |", "|---|---|---|---|---|"] + rows)
 
 
 def plot(reports: list, path: str) -> None:
@@ -113,9 +158,10 @@ def plot(reports: list, path: str) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4), sharey=True)
     panels = (("seen", "defects, seen"), ("held_out", "defects, held out"),
               ("feature_error_seen", "feature error, seen"), ("feature_error_held_out", "feature error, held out"))
+    auxes = [a for a in AUX if any(r["aux"] == a for r in reports)]  # no empty slots for aux not run
     for ax, (key, title) in zip(axes, panels):
         for j, c in enumerate(CONDITIONINGS):
-            for i, a in enumerate(AUX):
+            for i, a in enumerate(auxes):
                 vals = [r[key] for r in reports if r["conditioning"] == c and r["aux"] == a]
                 if not vals:
                     continue
@@ -123,7 +169,7 @@ def plot(reports: list, path: str) -> None:
                 ax.bar(x, np.mean(vals), width=0.33, color=("tab:blue", "tab:orange")[j],
                        label=c if i == 0 else None)
                 ax.scatter([x] * len(vals), vals, color="k", s=8, zorder=3)
-        ax.set_xticks(range(len(AUX)), [f"aux={a}" for a in AUX])
+        ax.set_xticks(range(len(auxes)), [f"aux={a}" for a in auxes])
         ax.set_title(title)
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("rate")
@@ -164,10 +210,16 @@ def main(argv=None) -> int:
                 reports.append(rep)
                 print(f"[defects] {c:7s} aux={a:7s} seed={seed}: seen {rep['seen']:.3f}, held out "
                       f"{rep['held_out']:.3f} (train {rep['train_seconds']:.0f} s)", file=sys.stderr)
-    table = ("Mean over seeds and its 95% confidence interval (Student's t).\n\n" if len(args.seeds) > 1 else "") \
-        + summarize(reports)
+    table = ("Mean over seeds and its 95% confidence interval (Student's t, clipped to [0, 1]).\n\n"
+             if len(args.seeds) > 1 else "") + summarize(reports)
+    diffs = contrasts(reports)
+    if diffs:
+        table += ("\n\nDifferences of the means with their 95% Welch intervals (* where the interval "
+                  "excludes 0; negative = fewer defects / errors for the first):\n\n" + diffs)
     cpu = _cpu_name()
-    header = (f"shapes, {args.steps} steps × batch {args.batch_size}, {args.per_combination} samples per "
+    command = "python -m fastgmmdiff.experiments.defects " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = (f"Defects experiment: `{command.strip()}`\n\n"
+              f"shapes, {args.steps} steps × batch {args.batch_size}, {args.per_combination} samples per "
               f"combination, seeds {args.seeds}, torch {torch.__version__}, {cpu}, "
               f"{torch.get_num_threads()} threads\n\n")
     with open(os.path.join(args.out, "defects.md"), "w") as f:
