@@ -1,5 +1,5 @@
-// Autograd of fastgmmdiff::log_prob and ngmg, in C++ (the Autograd
-// dispatch key, for every device the ops serve).
+// Autograd of fastgmmdiff::log_prob, log_prob_scale and ngmg, in C++ (the Autograd dispatch key,
+// for every device the ops serve), and log_prob_scale's pair itself (through log_prob's).
 //
 // Why C++: in the latency regime (PERF.md `small`, `paper`, `mdn`) a Python autograd wrapper
 // (torch.library.register_autograd) costs more than the kernels: it runs Python on every
@@ -59,12 +59,23 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction> {
   }
 };
 
-// log_prob: saves the inputs and log p; its backward calls log_prob_backward.
-class LogProbFunction : public torch::autograd::Function<LogProbFunction> {
+// The op pairs with log_prob's signatures: (forward, backward) names.
+struct LogProbOps {
+  static constexpr const char* fwd = "fastgmmdiff::log_prob";
+  static constexpr const char* bwd = "fastgmmdiff::log_prob_backward";
+};
+struct LogProbScaleOps {
+  static constexpr const char* fwd = "fastgmmdiff::log_prob_scale";
+  static constexpr const char* bwd = "fastgmmdiff::log_prob_scale_backward";
+};
+
+// log_prob (or log_prob_scale): saves the inputs and log p; its backward calls the backward op.
+template <typename Ops>
+class LogProbFunction : public torch::autograd::Function<LogProbFunction<Ops>> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& prec,
                         const Tensor& logits, c10::string_view cov) {
-    static auto op = handle<FwdSig>("fastgmmdiff::log_prob");
+    static auto op = handle<FwdSig>(Ops::fwd);
     Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -76,7 +87,7 @@ class LogProbFunction : public torch::autograd::Function<LogProbFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    static auto op = handle<BwdSig>("fastgmmdiff::log_prob_backward");
+    static auto op = handle<BwdSig>(Ops::bwd);
     const auto s = ctx->get_saved_variables();
     const std::string cov = ctx->saved_data["cov"].toStringRef();
     Tensor g = grad_out[0].defined() ? grad_out[0].contiguous() : at::zeros_like(s[4]);
@@ -136,25 +147,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ngmg_backward_autograd(
   return {r[0], r[1], r[2], r[3]};
 }
 
+template <typename Ops>
 Tensor log_prob_autograd(const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& logits,
                          c10::string_view cov) {
-  return LogProbFunction::apply(x, means, prec, logits, cov);
+  return LogProbFunction<Ops>::apply(x, means, prec, logits, cov);
 }
 
+template <typename Ops>
 std::tuple<Tensor, Tensor, Tensor, Tensor> log_prob_backward_autograd(
     const Tensor& grad, const Tensor& x, const Tensor& means, const Tensor& prec, const Tensor& logits,
     const Tensor& logp, c10::string_view cov) {
-  static auto op = handle<BwdSig>("fastgmmdiff::log_prob_backward");
+  static auto op = handle<BwdSig>(Ops::bwd);
   auto r = BackwardFunction::apply(&op, grad, x, means, prec, logits, logp, cov);
   return {r[0], r[1], r[2], r[3]};
+}
+
+// log_prob_scale and its backward on any device: U = 1/σ through log_prob's pair, and
+// ∂σ = −∂U·U² (σ's dtype, like ∂U).
+Tensor log_prob_scale_impl(const Tensor& x, const Tensor& means, const Tensor& scale, const Tensor& logits,
+                           c10::string_view cov) {
+  check_scale_cov(cov);
+  static auto op = handle<FwdSig>("fastgmmdiff::log_prob");
+  return op.call(x, means, at::reciprocal(scale), logits, cov);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> log_prob_scale_backward_impl(
+    const Tensor& grad, const Tensor& x, const Tensor& means, const Tensor& scale, const Tensor& logits,
+    const Tensor& logp, c10::string_view cov) {
+  check_scale_cov(cov);
+  static auto op = handle<BwdSig>("fastgmmdiff::log_prob_backward");
+  const Tensor u = at::reciprocal(scale);
+  auto r = op.call(grad, x, means, u, logits, logp, cov);
+  Tensor gs = std::get<2>(r);
+  gs.mul_(u).mul_(u).neg_();
+  return {std::get<0>(r), std::get<1>(r), gs, std::get<3>(r)};
 }
 
 }  // namespace
 }  // namespace fastgmmdiff
 
 TORCH_LIBRARY_IMPL(fastgmmdiff, Autograd, m) {
-  m.impl("log_prob", &fastgmmdiff::log_prob_autograd);
-  m.impl("log_prob_backward", &fastgmmdiff::log_prob_backward_autograd);
+  m.impl("log_prob", &fastgmmdiff::log_prob_autograd<fastgmmdiff::LogProbOps>);
+  m.impl("log_prob_backward", &fastgmmdiff::log_prob_backward_autograd<fastgmmdiff::LogProbOps>);
+  m.impl("log_prob_scale", &fastgmmdiff::log_prob_autograd<fastgmmdiff::LogProbScaleOps>);
+  m.impl("log_prob_scale_backward", &fastgmmdiff::log_prob_backward_autograd<fastgmmdiff::LogProbScaleOps>);
   m.impl("ngmg", &fastgmmdiff::ngmg_autograd);
   m.impl("ngmg_backward", &fastgmmdiff::ngmg_backward_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastgmmdiff, CompositeExplicitAutograd, m) {
+  m.impl("log_prob_scale", &fastgmmdiff::log_prob_scale_impl);
+  m.impl("log_prob_scale_backward", &fastgmmdiff::log_prob_scale_backward_impl);
 }

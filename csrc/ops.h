@@ -29,6 +29,12 @@ inline int parse_cov(c10::string_view cov) {
   return -1;
 }
 
+// log_prob_scale's pair: σ per dimension or per component only.
+inline void check_scale_cov(c10::string_view cov) {
+  FGD_CHECK(cov == "diag" || cov == "spherical", "log_prob_scale: covariance_type must be 'diag' or "
+            "'spherical' (scale is σ per dimension or per component), got '", std::string(cov), "'");
+}
+
 // The ops take the API layout (after dtype promotion and "tied" → "full" in Python): every
 // tensor with or without its leading mixture axis G, i.e. x [N, D] | [Gx, N, D], means [K, D] |
 // [G, K, D], prec diag [K, D] | spherical [K] | full [K, D, D] (each | with G), logits or

@@ -13,6 +13,13 @@ inline void define_schemas(torch::Library& m) {
   // Gradients of Σ grad·log p w.r.t. (x, means, prec_chol, logits), each in its input's dtype.
   m.def("log_prob_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, "
         "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
+  // log_prob of a diag or spherical mixture given by σ = 1/U (torch.distributions' ``scale``:
+  // [.., K, D] or [.., K]) instead of U; its backward's σ gradient is −∂U·U².  One autograd node
+  // for MixtureOfGaussians.log_prob (an MDN head), where a separate reciprocal node and its
+  // backward cost as much as the kernels.  Any device the log_prob pair serves (autograd.cpp).
+  m.def("log_prob_scale(Tensor x, Tensor means, Tensor scale, Tensor logits, str covariance_type) -> Tensor");
+  m.def("log_prob_scale_backward(Tensor grad, Tensor x, Tensor means, Tensor scale, Tensor logits, "
+        "Tensor logp, str covariance_type) -> (Tensor, Tensor, Tensor, Tensor)");
   // Fused NGMG (SPEC §2): (loss, logp), both result-shaped: loss = −exp(logp) per point, logp
   // saved for the backward: without a target log p̃ = log p − c (normalize; c inside the
   // logsumexp, ops.h ngmg_const) or log p; with one the target component's a_t − ½q_t (a_t =

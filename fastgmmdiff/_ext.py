@@ -43,6 +43,8 @@ def load():
 
             # Fakes only: the autograd of these ops is C++ (csrc/autograd.cpp).
             register_log_prob_op("fastgmmdiff::log_prob", "fastgmmdiff::log_prob_backward", autograd=False)
+            register_log_prob_op("fastgmmdiff::log_prob_scale", "fastgmmdiff::log_prob_scale_backward",
+                                 autograd=False)
             register_ngmg_fakes("fastgmmdiff::ngmg", "fastgmmdiff::ngmg_backward")
             _state["module"], _state["error"] = _C, None
         except Exception as e:  # ImportError, OSError (undefined symbols), RuntimeError

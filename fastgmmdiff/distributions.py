@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, Independent, MultivariateNormal, Normal, constraints
 
-from . import convert
+from . import _dispatch, convert
 from ._checks import prepare
 from ._torch_ops import component_log_prob
 from .functional import _log_prob
@@ -168,7 +168,10 @@ class MixtureOfGaussians(Distribution):
                                  f"D = {D} (diagonal) or 1 (one σ per component); got shape {tuple(p.shape)}")
             p_comp = p.shape[:-1] if p.dim() > 1 else (1,)
         try:
-            comp = torch.broadcast_shapes(logits.shape, loc.shape[:-1], p_comp)
+            if logits.shape == loc.shape[:-1] and tuple(p_comp) in (tuple(logits.shape), tuple(logits.shape[:-1]) + (1,)):
+                comp = logits.shape  # the usual case, without broadcast_shapes' cost (~15 µs)
+            else:
+                comp = torch.broadcast_shapes(logits.shape, loc.shape[:-1], p_comp)
         except RuntimeError:
             raise ValueError(f"the shapes of logits {tuple(logits.shape)}, loc {tuple(loc.shape)} and {name} "
                              f"{tuple(p.shape)} do not broadcast to one [*batch, K]") from None
@@ -186,7 +189,20 @@ class MixtureOfGaussians(Distribution):
             self.covariance_type = "tied" if p.dim() == 2 or p.shape[-3] == 1 else "full"
         super().__init__(batch_shape, torch.Size((D,)), validate_args=validate_args)
 
-        # U for the kernels, kept as compact as given (no batch axes a tensor does not have).
+        self._u_cache = None
+        if matrix:  # converted once, here: a bad matrix fails at construction, as torch's do
+            self._u_cache = self._make_u()
+
+    @property
+    def _u(self) -> Tensor:
+        if self._u_cache is None:
+            self._u_cache = self._make_u()
+        return self._u_cache
+
+    def _make_u(self) -> Tensor:
+        """U for the kernels, kept as compact as given (no batch axes a tensor does not have);
+        built on first use for σ (the MDN path of log_prob takes σ itself)."""
+        p, K, D, name = self._raw[2], self._K, self._D, self._param_name
         if self.covariance_type == "spherical":
             u = _reciprocal(p)[..., 0]
             u = u.expand(u.shape[:-1] + (K,)) if u.dim() >= 1 else u.expand(K)
@@ -201,7 +217,7 @@ class MixtureOfGaussians(Distribution):
             u = to_u(p)
             if self.covariance_type == "tied" and u.dim() > 2:
                 u = u.squeeze(-3)
-        self._u = u
+        return u
 
     # -- the parameters ----------------------------------------------------------------------
     @property
@@ -288,9 +304,9 @@ class MixtureOfGaussians(Distribution):
         new._validate_args = self._validate_args
         return new
 
-    def _points(self, value: Tensor):
+    def _points(self, value: Tensor, validated: bool = False):
         """(x in the functional layout, batch shape of the result, sample shape)."""
-        if self._validate_args:
+        if self._validate_args and not validated:
             self._validate_sample(value)
         elif value.shape[-1:] != self.event_shape:
             raise ValueError(f"The right-most size of value must match event_shape: {tuple(value.shape)} "
@@ -316,10 +332,40 @@ class MixtureOfGaussians(Distribution):
         return out.reshape(sample_shape + out_batch)
 
     # -- densities ---------------------------------------------------------------------------
+    def _one_point_args(self, value: Tensor):
+        """(x, loc, σ, logits) as [G, 1, D], [G, K, D], [G, K, D] or [G, K], [G, K] views when
+        ``value`` is one point per mixture (``[*batch, D]``, an MDN's y) of a diag or spherical
+        mixture given by ``scale`` with every parameter at the full batch shape, on one device
+        in one float32/float64 dtype, for a compiled backend; else None."""
+        if self._param_name != "scale" or self.covariance_type == "tied":
+            return None
+        logits, loc, sigma = self._raw
+        bs, K, D = self.batch_shape, self._K, self._D
+        if (value.shape != bs + (D,) or len(bs) == 0 or logits.shape != bs + (K,) or loc.shape != bs + (K, D)
+                or sigma.shape != bs + ((K, D) if self.covariance_type == "diag" else (K, 1))):
+            return None
+        dt, dev = loc.dtype, loc.device
+        if (dt not in (torch.float32, torch.float64) or any(t.dtype != dt or t.device != dev
+                                                            for t in (value, logits, sigma))):
+            return None
+        G = logits.numel() // K
+        if G == 0:
+            return None
+        s = sigma.reshape(G, K, D) if self.covariance_type == "diag" else sigma.reshape(G, K)
+        return value.reshape(G, 1, D), loc.reshape(G, K, D), s, logits.reshape(G, K)
+
     def log_prob(self, value: Tensor) -> Tensor:
         """log p(value): ``[*sample, *batch]``, on the fused kernels (autograd to every parameter
         and to value)."""
-        x, out_batch, sample_shape = self._points(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        one = self._one_point_args(value)
+        if one is not None:
+            c = prepare(*one, self.covariance_type)  # the usual errors (dtypes, shapes), σ shaped as U
+            if _dispatch.resolve(self.backend, c.device, c).api_layout:
+                # σ itself to the compiled op (1/σ and −∂U·U² inside its one autograd node, C++)
+                return torch.ops.fastgmmdiff.log_prob_scale(*one, self.covariance_type).reshape(self.batch_shape)
+        x, out_batch, sample_shape = self._points(value, validated=True)
         if out_batch != self.batch_shape:
             return self.expand(out_batch).log_prob(value)
         means, u, logits = self._kernel_args(out_batch)

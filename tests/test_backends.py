@@ -139,6 +139,15 @@ def test_opcheck(cov, backend):
     logp = fwd(*args, cov)
     torch.library.opcheck(bwd, (torch.randn_like(logp), *(a.detach() for a in args), logp.detach(), cov),
                           test_utils=utils)
+    if backend == "cpu" and cov != "full":  # log_prob_scale: σ in place of U (MixtureOfGaussians)
+        sargs = (args[0], args[1], (1 / args[2]).detach().requires_grad_(), args[3])
+        for N in (5, 1):  # the tile kernels, and the one-point kernels on σ itself
+            sa = tuple(a[:, :N] if i == 0 else a for i, a in enumerate(sargs))
+            torch.library.opcheck(ops.log_prob_scale, (*sa, cov), test_utils=utils)
+            lps = ops.log_prob_scale(*sa, cov)
+            torch.library.opcheck(ops.log_prob_scale_backward,
+                                  (torch.randn_like(lps), *(a.detach() for a in sa), lps.detach(), cov),
+                                  test_utils=utils)
     if tgt_name is None:
         return
     target = torch.randint(0, 3, (2, 5))

@@ -223,17 +223,25 @@ def test_every_cpu_instruction_set_build(isa, cov, seed, monkeypatch):
     assert _C.cpu_isa() == isa
     p = random_problem(cov, 3, N=70, K=9, D=19, seed=seed, requires_grad=True)
     _check_against_reference(p, cov, "cpu")
+    if cov != "full":  # one point per mixture: rows in lanes on every build (D = 1, 2, 7), element lanes (40)
+        for D in (1, 2, 7, 40):
+            p = random_problem(cov, 37, N=1, K=9, D=D, seed=seed, requires_grad=True)
+            _check_against_reference(p, cov, "cpu")
 
 
+@pytest.mark.parametrize("D", [1, 2, 3, 5, 40])
 @pytest.mark.parametrize("cov", ["diag", "spherical"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_one_point_per_mixture_edges(cov, dtype, seed, backend):
-    """N = 1 (the MDN layout; the compiled backend's fused per-row kernels): a dead row, a
+def test_one_point_per_mixture_edges(cov, dtype, D, seed, backend):
+    """N = 1 (the MDN layout; the compiled backend's fused per-row kernels, rows in vector lanes
+    for D up to 4× the vector width, one row's elements in the lanes above: D = 40): a dead row, a
     component with weight 0 (logit −inf), a row with zero upstream gradient and a far live row,
-    element by element against the float64 reference (bars: 1e-5 values / 1e-4 gradients in
-    float32, 1e-12 / 1e-10 in float64; the rms term keeps a gradient that cancels to ~0 from
-    demanding more than the dtype has)."""
-    G, K, D = 40, 6, 5
+    43 rows (a partial last block of lanes), element by element against the float64 reference
+    (bars: 1e-5 values / 1e-4 gradients in float32, 1e-12 / 1e-10 in float64; the rms term
+    keeps a gradient that cancels to ~0 from demanding more than the dtype has)."""
+    if D != 5 and backend != "cpu":
+        pytest.skip("D matters to the cpu kernels only (rows in lanes up to 4× the vector width)")
+    G, K = 43, 6
     p = random_problem(cov, G, N=1, K=K, D=D, dtype=dtype, seed=seed)
     big = 1e30 if dtype == torch.float32 else 1e200  # ‖z‖² overflows the dtype: a dead row
     with torch.no_grad():
@@ -255,6 +263,41 @@ def test_one_point_per_mixture_edges(cov, dtype, seed, backend):
     assert_close_per_element(lp[live], ref, vbar, "log p")
     for name, g, r in zip(ARGS, grads, ref_grads):
         assert_close_per_element(g[live], r, gbar, f"d/d{name}")
+
+
+@pytest.mark.parametrize("D", [1, 2, 3])
+@pytest.mark.parametrize("cov", ["diag", "spherical"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_point_per_mixture_precision_zero_or_negative(cov, dtype, D, seed):
+    """One point per mixture, small D (the cpu kernels' rows-in-lanes blocks): a precision entry
+    of 0 in one row makes that component's density 0 (log 0 = −inf, as std::log: the row's log p
+    is the mixture's without it), a negative one makes the row's log p NaN; the other rows of
+    the same block of lanes keep their values and gradients (they take the log per entry then,
+    not the mantissa product), against the float64 reference."""
+    G, K = 37, 4
+    p = random_problem(cov, G, N=1, K=K, D=D, dtype=dtype, seed=seed)
+    with torch.no_grad():
+        p["prec_chol"][2, 1] = 0.0
+        p["prec_chol"][5, 0] = -1.0
+    args = [p[k].clone().requires_grad_() for k in ARGS]
+    up = torch.randn(G, 1, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    lp = fg.gmm_log_prob(*args, cov, backend="cpu")
+    grads = torch.autograd.grad(lp, args, up)
+    assert torch.isnan(lp[5, 0])
+    vbar, gbar = bars(dtype)
+    without = [t.detach().double()[2:3].clone() for t in args]
+    pi1 = torch.softmax(without[3][0], 0)[1]
+    without[3][0, 1] = float("-inf")  # component 1 of row 2 removed (then π renormalised: undone below)
+    without[2][0, 1] = 1.0
+    expect = reference.gmm_log_prob(*without, cov)[0] + torch.log1p(-pi1)
+    assert_close_per_element(lp[2], expect, vbar, "log p, row 2")
+    rest = [g for g in range(G) if g not in (2, 5)]
+    ref_args = [a.detach()[rest].double().requires_grad_() for a in args]
+    ref = reference.gmm_log_prob(*ref_args, cov)
+    ref_grads = torch.autograd.grad(ref, ref_args, up[rest].double())
+    assert_close_per_element(lp[rest], ref, vbar, "log p")
+    for name, g, r in zip(ARGS, grads, ref_grads):
+        assert_close_per_element(g[rest], r, gbar, f"d/d{name}")
 
 
 @pytest.mark.parametrize("cov", COVS)

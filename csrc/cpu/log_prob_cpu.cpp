@@ -299,10 +299,12 @@ int64_t one_point_grain(const Prepared& r) {
   return std::max<int64_t>(16, (int64_t{1} << 15) / std::max<int64_t>(1, r.K * (r.D + 4)));
 }
 
-at::Tensor forward_one(const Prepared& r) {
+// sigma: r.prec holds σ = 1/U (log_prob_scale; Problem::sigma).
+at::Tensor forward_one(const Prepared& r, bool sigma = false) {
   at::Tensor out = at::empty({r.G, 1}, r.x.options());
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_log_prob_one_cpu", [&] {
-    const Problem<scalar_t> p = problem<scalar_t>(r);
+    Problem<scalar_t> p = problem<scalar_t>(r);
+    p.sigma = sigma;
     const scalar_t* lg = r.logits.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, r.G, one_point_grain(r), [&](int64_t b, int64_t e) { run_fwd_one(p, lg, o, b, e); });
@@ -311,14 +313,15 @@ at::Tensor forward_one(const Prepared& r) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_one(const Prepared& r, const at::Tensor& grad,
-                                                                        const at::Tensor& logp) {
+                                                                        const at::Tensor& logp, bool sigma = false) {
   const auto acc = r.x.scalar_type();
   at::Tensor g, lp;
   std::tie(g, lp) = backward_rows(grad, logp, r.v, r.G, r.N, acc);
   at::Tensor gx = at::empty_like(r.x), gmu = at::empty_like(r.means), gprec = at::empty_like(r.prec),
              glog = at::empty({r.G, r.K}, r.x.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "fastgmmdiff_log_prob_backward_one_cpu", [&] {
-    const Problem<scalar_t> p = problem<scalar_t>(r);
+    Problem<scalar_t> p = problem<scalar_t>(r);
+    p.sigma = sigma;
     const scalar_t* lg = r.logits.data_ptr<scalar_t>();
     const scalar_t *gp = g.data_ptr<scalar_t>(), *lpp = lp.data_ptr<scalar_t>();
     scalar_t *gxp = gx.data_ptr<scalar_t>(), *gmp = gmu.data_ptr<scalar_t>(), *gpp = gprec.data_ptr<scalar_t>(),
@@ -381,6 +384,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu
   Prepared r = prepare(x, means, prec, logits, covariance_type, true);
   auto gr = one_point(r) ? backward_one(r, grad, logp) : backward_impl(r, grad, logp, Fused{});
   return {fit_grad(std::get<0>(gr), x), fit_grad(std::get<1>(gr), means), fit_grad(std::get<2>(gr), prec),
+          fit_grad(std::get<3>(gr), logits)};
+}
+
+// log_prob_scale's pair on CPU (schemas.h): one point per mixture runs the one-point kernels on σ
+// itself (Problem::sigma: 1/σ per row inside, the σ gradient written directly); other layouts
+// take U = 1/σ through log_prob's pair, as the composite implementation (autograd.cpp) does.
+at::Tensor log_prob_scale_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& scale,
+                              const at::Tensor& logits, c10::string_view covariance_type) {
+  check_scale_cov(covariance_type);
+  Prepared r = prepare(x, means, scale, logits, covariance_type, true);
+  if (!one_point(r)) return log_prob_cpu(x, means, at::reciprocal(scale), logits, covariance_type);
+  return api_rows(forward_one(r, true), r.v);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_scale_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& scale,
+    const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
+  check_scale_cov(covariance_type);
+  Prepared r = prepare(x, means, scale, logits, covariance_type, true);
+  if (!one_point(r)) {
+    const at::Tensor u = at::reciprocal(scale);
+    auto g = log_prob_backward_cpu(grad, x, means, u, logits, logp, covariance_type);
+    std::get<2>(g).mul_(u).mul_(u).neg_();
+    return g;
+  }
+  auto gr = backward_one(r, grad, logp, true);
+  return {fit_grad(std::get<0>(gr), x), fit_grad(std::get<1>(gr), means), fit_grad(std::get<2>(gr), scale),
           fit_grad(std::get<3>(gr), logits)};
 }
 
@@ -472,6 +502,8 @@ const char* isa_name() {
 TORCH_LIBRARY_IMPL(fastgmmdiff, CPU, m) {
   m.impl("log_prob", &fastgmmdiff::cpu::log_prob_cpu);
   m.impl("log_prob_backward", &fastgmmdiff::cpu::log_prob_backward_cpu);
+  m.impl("log_prob_scale", &fastgmmdiff::cpu::log_prob_scale_cpu);
+  m.impl("log_prob_scale_backward", &fastgmmdiff::cpu::log_prob_scale_backward_cpu);
   m.impl("ngmg", &fastgmmdiff::cpu::ngmg_cpu);
   m.impl("ngmg_backward", &fastgmmdiff::cpu::ngmg_backward_cpu);
   m.impl("em_stats", &fastgmmdiff::cpu::em_stats_cpu);

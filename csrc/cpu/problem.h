@@ -44,6 +44,9 @@ struct Problem {
   const int64_t* target = nullptr;
   T* loss = nullptr;
   const T* scale = nullptr;
+  // The one-point kernels only (log_prob_scale): prec holds σ = 1/U (diag, spherical); they use
+  // 1/σ and return the σ gradient, −∂U·U².
+  bool sigma = false;
 };
 
 // Backward accumulators for one range of work: Σ_n of w Λ z (gmu), of w z² / w‖z‖² / w z yᵀ
