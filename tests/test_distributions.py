@@ -78,10 +78,18 @@ def test_log_prob_matches_mixture_same_family(backend, param, batch, dtype, seed
     kw, msf, leaves = make(param, batch, K, D, gen, dtype)
     (r, leaves64), d = reference(msf, leaves), ours(kw, backend=backend)
     assert d.batch_shape == r.batch_shape and d.event_shape == r.event_shape
-    value = (2.0 * torch.randn((6,) + batch + (D,), generator=gen, dtype=dtype)).requires_grad_()
+    value = 2.0 * torch.randn((6,) + batch + (D,), generator=gen, dtype=dtype)
+    _check_log_prob_and_gradients(d, r, value, leaves, leaves64, param, (6,) + batch, gen)
+
+
+def _check_log_prob_and_gradients(d, r, value, leaves, leaves64, param, shape, gen):
+    """d.log_prob(value) and its gradients to the leaves and value against r (float64), per
+    element at BAR."""
+    dtype = value.dtype
+    value = value.requires_grad_()
     value64 = value.detach().double().requires_grad_()
     a, b = d.log_prob(value), r.log_prob(value64)
-    assert a.shape == b.shape == (6,) + batch and a.dtype == dtype
+    assert a.shape == b.shape == shape and a.dtype == dtype
     assert_close_per_element(a, b, BAR[dtype], "log_prob")
     up = torch.randn(a.shape, generator=gen, dtype=dtype)
     ga = torch.autograd.grad((a * up).sum(), leaves + (value,))
@@ -143,16 +151,8 @@ def test_mdn_rows_values_and_gradients(backend, param, D, batch, dtype, seed):
     K = 5
     kw, msf, leaves = make(param, batch, K, D, gen, dtype)
     (r, leaves64), d = reference(msf, leaves), ours(kw, backend=backend)
-    y = (1.5 * torch.randn(batch + (D,), generator=gen, dtype=dtype)).requires_grad_()
-    y64 = y.detach().double().requires_grad_()
-    a, b = d.log_prob(y), r.log_prob(y64)
-    assert a.shape == batch and a.dtype == dtype
-    assert_close_per_element(a, b, BAR[dtype], "log_prob")
-    up = torch.randn(a.shape, generator=gen, dtype=dtype)
-    ga = torch.autograd.grad((a * up).sum(), leaves + (y,))
-    gb = torch.autograd.grad((b * up.double()).sum(), leaves64 + (y64,))
-    for name, u, v in zip(("logits", "loc", param, "y"), ga, gb):
-        assert_close_per_element(u, v, BAR[dtype], f"d/d{name}")
+    y = 1.5 * torch.randn(batch + (D,), generator=gen, dtype=dtype)
+    _check_log_prob_and_gradients(d, r, y, leaves, leaves64, param, batch, gen)
 
 
 @pytest.mark.parametrize("cov", ["diag", "spherical"])
