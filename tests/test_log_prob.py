@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastgmmdiff as fg
-from fastgmmdiff import reference
+from fastgmmdiff import reference, testing
 from fastgmmdiff.testing import (ToleranceLoosened, assert_close_per_element, bars, check_against_reference,
                                  check_dead_rows, check_gradient, elementwise_error, far_rows_problem, gradient_bounds,
                                  random_problem,
@@ -261,8 +261,11 @@ def test_one_point_per_mixture_edges(cov, dtype, D, seed, backend):
     ref_grads = torch.autograd.grad(ref, ref_args, up[live].double())
     vbar, gbar = bars(dtype)
     assert_close_per_element(lp[live], ref, vbar, "log p")
-    for name, g, r in zip(ARGS, grads, ref_grads):
-        assert_close_per_element(g[live], r, gbar, f"d/d{name}")
+    # the bars, loosened only where plain PyTorch at this dtype misses them too (testing.gradient_bounds):
+    # the far row's ℓ ~ −10³ carries float32's rounding (~6e-5) into its r, ~1e-4 of its gradients
+    testing._check_gradients(lambda *a, form: reference.gmm_log_prob(*a, cov, form=form),
+                             [a.detach()[live] for a in args], up[live].double(), [g[live] for g in grads],
+                             ref_grads, gbar, f"{backend} one point per mixture")
 
 
 @pytest.mark.parametrize("D", [1, 2, 3])
