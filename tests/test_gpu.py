@@ -166,3 +166,34 @@ def test_cuda_out_of_range_target_is_nan_not_a_crash():
     loss, lp = torch.ops.fastgmmdiff.ngmg(p["x"], p["means"], p["prec_chol"], p["logits"], t, "diag", False)
     torch.cuda.synchronize()
     assert lp[1, 4].isnan() and loss[1, 4].isnan() and torch.isfinite(lp[0]).all()
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical"])
+@pytest.mark.interpreter_heavy
+def test_mdn_head_on_the_device(cov, gpu_backend, seed):
+    """MixtureOfGaussians.log_prob of an MDN's y [B, D] with scale=σ: on the compiled backends it
+    runs fastgmmdiff::log_prob_scale (on CUDA its composite form: 1/σ, the log_prob pair,
+    −∂U·U²).  Values and the gradients to logits, loc, σ and y against MixtureSameFamily in
+    float64, per element at the float32 bars."""
+    import torch.distributions as tdist
+
+    from fastgmmdiff.distributions import MixtureOfGaussians
+    from fastgmmdiff.testing import assert_close_per_element, bars
+
+    gen = torch.Generator().manual_seed(seed)
+    B, K, D = 257, 5, 3
+    logits, loc, y = torch.randn(B, K, generator=gen), torch.randn(B, K, D, generator=gen), torch.randn(B, D, generator=gen)
+    sigma = 0.4 + torch.rand(B, K, D if cov == "diag" else 1, generator=gen)
+    leaves = [t.to(DEV).requires_grad_() for t in (logits, loc, sigma, y)]
+    out = MixtureOfGaussians(*leaves[:2], scale=leaves[2], backend=gpu_backend).log_prob(leaves[3])
+    l64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    comp = tdist.Independent(tdist.Normal(l64[1], l64[2].expand(B, K, D)), 1)
+    ref = tdist.MixtureSameFamily(tdist.Categorical(logits=l64[0]), comp).log_prob(l64[3])
+    bar = bars(torch.float32)
+    assert out.shape == (B,) and out.device.type == DEV
+    assert_close_per_element(out.cpu(), ref, bar.value, "log p")
+    up = torch.randn(B, generator=gen)
+    g = torch.autograd.grad(out, leaves, up.to(DEV))
+    r = torch.autograd.grad(ref, l64, up.double())
+    for name, a, b in zip(("logits", "loc", "scale", "y"), g, r):
+        assert_close_per_element(a.cpu(), b, bar.grad, f"d/d{name}")
