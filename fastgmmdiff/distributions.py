@@ -195,9 +195,14 @@ class MixtureOfGaussians(Distribution):
 
     @property
     def _u(self) -> Tensor:
-        if self._u_cache is None:
-            self._u_cache = self._make_u()
-        return self._u_cache
+        if self._u_cache is not None:
+            return self._u_cache
+        u = self._make_u()
+        # not kept when built without autograd from a σ that requires grad (a first use under
+        # torch.no_grad()): a later log_prob with gradients must reach σ
+        if torch.is_grad_enabled() or not self._raw[2].requires_grad:
+            self._u_cache = u
+        return u
 
     def _make_u(self) -> Tensor:
         """U for the kernels, kept as compact as given (no batch axes a tensor does not have);

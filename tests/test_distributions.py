@@ -155,6 +155,21 @@ def test_mdn_rows_values_and_gradients(backend, param, D, batch, dtype, seed):
     _check_log_prob_and_gradients(d, r, y, leaves, leaves64, param, batch, gen)
 
 
+def test_scale_gradient_after_a_first_use_without_autograd(seed):
+    """U = 1/σ is built on first use: a first use under torch.no_grad() (posterior) must not leave
+    a U without autograd behind for a later log_prob with gradients (σ's gradient would be lost)."""
+    gen = torch.Generator().manual_seed(seed)
+    kw, msf, leaves = make("scale", (4,), 3, 2, gen)
+    d = ours(kw)
+    v = torch.randn(5, 4, 2, generator=gen)  # a sample axis: the general path, which uses U
+    with torch.no_grad():
+        d.posterior(v)
+    (g,) = torch.autograd.grad(d.log_prob(v).sum(), [kw["scale"]])
+    r, leaves64 = reference(msf, leaves)
+    (gr,) = torch.autograd.grad(r.log_prob(v.double()).sum(), [leaves64[2]])
+    assert_close_per_element(g, gr, BAR[torch.float32], "d/dscale")
+
+
 @pytest.mark.parametrize("cov", ["diag", "spherical"])
 @pytest.mark.parametrize("layout", ["one point per mixture", "points of one mixture", "rows of mixtures"])
 def test_log_prob_scale_op(cov, layout, seed):
