@@ -136,9 +136,11 @@ struct Prepared : Canonical {
 bool one_point(const Canonical& r) { return use_one_point(r.cov, r.G, r.Gx, r.N, r.K, r.D); }
 
 // one_point_ok: the caller runs the one-point kernels when one_point(r) (plain log_prob), which
-// compute a and lse per row, so they are left undefined then.
+// compute a and lse per row, so they are left undefined then.  consts = false: never computed
+// (log_prob_scale, whose prec holds σ: the caller computes nothing from it but the layout).
 Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec,
-                 const at::Tensor& logits, c10::string_view covariance_type, bool one_point_ok = false) {
+                 const at::Tensor& logits, c10::string_view covariance_type, bool one_point_ok = false,
+                 bool consts = true) {
   const int cov = parse_cov(covariance_type);
   Views v = canonical_views(x, means, prec, logits, cov, false);
   check_layout(v.x, v.means, v.prec, v.last, cov);
@@ -147,7 +149,8 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& means, const at::Tensor&
   static_cast<Canonical&>(r) = canonical(v.x, v.means, v.prec, cov);
   r.logits = v.last.to(r.x.scalar_type()).contiguous();
   r.v = v;
-  if (!(one_point_ok && one_point(r))) r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
+  if (consts && !(one_point_ok && one_point(r)))
+    r.a = component_consts_t(r.logits, r.prec, r.cov, r.G, r.K, r.D, &r.lse);
   return r;
 }
 
@@ -393,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu
 at::Tensor log_prob_scale_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& scale,
                               const at::Tensor& logits, c10::string_view covariance_type) {
   check_scale_cov(covariance_type);
-  Prepared r = prepare(x, means, scale, logits, covariance_type, true);
+  Prepared r = prepare(x, means, scale, logits, covariance_type, true, false);
   if (!one_point(r)) return log_prob_cpu(x, means, at::reciprocal(scale), logits, covariance_type);
   return api_rows(forward_one(r, true), r.v);
 }
@@ -402,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_scale_backwa
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& scale,
     const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
   check_scale_cov(covariance_type);
-  Prepared r = prepare(x, means, scale, logits, covariance_type, true);
+  Prepared r = prepare(x, means, scale, logits, covariance_type, true, false);
   if (!one_point(r)) {
     const at::Tensor u = at::reciprocal(scale);
     auto g = log_prob_backward_cpu(grad, x, means, u, logits, logp, covariance_type);
