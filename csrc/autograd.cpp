@@ -162,16 +162,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> log_prob_backward_autograd(
   return {r[0], r[1], r[2], r[3]};
 }
 
-// log_prob_scale and its backward on any device: U = 1/σ through log_prob's pair, and
+}  // namespace
+
+// log_prob_scale and its backward on any device (ops.h; the CPU ops call them for the layouts
+// their one-point kernels do not take): U = 1/σ through log_prob's pair, and
 // ∂σ = −∂U·U² (σ's dtype, like ∂U).
-Tensor log_prob_scale_impl(const Tensor& x, const Tensor& means, const Tensor& scale, const Tensor& logits,
-                           c10::string_view cov) {
+Tensor log_prob_scale_composite(const Tensor& x, const Tensor& means, const Tensor& scale, const Tensor& logits,
+                                c10::string_view cov) {
   check_scale_cov(cov);
   static auto op = handle<FwdSig>("fastgmmdiff::log_prob");
   return op.call(x, means, at::reciprocal(scale), logits, cov);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> log_prob_scale_backward_impl(
+std::tuple<Tensor, Tensor, Tensor, Tensor> log_prob_scale_backward_composite(
     const Tensor& grad, const Tensor& x, const Tensor& means, const Tensor& scale, const Tensor& logits,
     const Tensor& logp, c10::string_view cov) {
   check_scale_cov(cov);
@@ -183,7 +186,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> log_prob_scale_backward_impl(
   return {std::get<0>(r), std::get<1>(r), gs, std::get<3>(r)};
 }
 
-}  // namespace
 }  // namespace fastgmmdiff
 
 TORCH_LIBRARY_IMPL(fastgmmdiff, Autograd, m) {
@@ -196,6 +198,6 @@ TORCH_LIBRARY_IMPL(fastgmmdiff, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastgmmdiff, CompositeExplicitAutograd, m) {
-  m.impl("log_prob_scale", &fastgmmdiff::log_prob_scale_impl);
-  m.impl("log_prob_scale_backward", &fastgmmdiff::log_prob_scale_backward_impl);
+  m.impl("log_prob_scale", &fastgmmdiff::log_prob_scale_composite);
+  m.impl("log_prob_scale_backward", &fastgmmdiff::log_prob_scale_backward_composite);
 }

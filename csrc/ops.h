@@ -35,6 +35,13 @@ inline void check_scale_cov(c10::string_view cov) {
             "'spherical' (scale is σ per dimension or per component), got '", std::string(cov), "'");
 }
 
+// log_prob_scale's pair through log_prob's, on any device: U = 1/σ, and ∂σ = −∂U·U² (autograd.cpp).
+at::Tensor log_prob_scale_composite(const at::Tensor& x, const at::Tensor& means, const at::Tensor& scale,
+                                    const at::Tensor& logits, c10::string_view cov);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_scale_backward_composite(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& scale,
+    const at::Tensor& logits, const at::Tensor& logp, c10::string_view cov);
+
 // The ops take the API layout (after dtype promotion and "tied" → "full" in Python): every
 // tensor with or without its leading mixture axis G, i.e. x [N, D] | [Gx, N, D], means [K, D] |
 // [G, K, D], prec diag [K, D] | spherical [K] | full [K, D, D] (each | with G), logits or

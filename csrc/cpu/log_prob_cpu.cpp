@@ -392,12 +392,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu
 
 // log_prob_scale's pair on CPU (schemas.h): one point per mixture runs the one-point kernels on σ
 // itself (Problem::sigma: 1/σ per row inside, the σ gradient written directly); other layouts
-// take U = 1/σ through log_prob's pair, as the composite implementation (autograd.cpp) does.
+// take the composite implementation (U = 1/σ through log_prob's pair; autograd.cpp).
 at::Tensor log_prob_scale_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& scale,
                               const at::Tensor& logits, c10::string_view covariance_type) {
   check_scale_cov(covariance_type);
   Prepared r = prepare(x, means, scale, logits, covariance_type, true, false);
-  if (!one_point(r)) return log_prob_cpu(x, means, at::reciprocal(scale), logits, covariance_type);
+  if (!one_point(r)) return log_prob_scale_composite(x, means, scale, logits, covariance_type);
   return api_rows(forward_one(r, true), r.v);
 }
 
@@ -406,12 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_scale_backwa
     const at::Tensor& logits, const at::Tensor& logp, c10::string_view covariance_type) {
   check_scale_cov(covariance_type);
   Prepared r = prepare(x, means, scale, logits, covariance_type, true, false);
-  if (!one_point(r)) {
-    const at::Tensor u = at::reciprocal(scale);
-    auto g = log_prob_backward_cpu(grad, x, means, u, logits, logp, covariance_type);
-    std::get<2>(g).mul_(u).mul_(u).neg_();
-    return g;
-  }
+  if (!one_point(r)) return log_prob_scale_backward_composite(grad, x, means, scale, logits, logp, covariance_type);
   auto gr = backward_one(r, grad, logp, true);
   return {fit_grad(std::get<0>(gr), x), fit_grad(std::get<1>(gr), means), fit_grad(std::get<2>(gr), scale),
           fit_grad(std::get<3>(gr), logits)};
