@@ -158,9 +158,8 @@ def _e_step_fused(X: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, c
         acc = [z, torch.zeros(K, dtype=torch.float64), torch.zeros(K, D, dtype=torch.float64),
                torch.zeros((K, D) if cov == "diag" else (K,) if cov == "spherical" else (K, D, D), dtype=torch.float64)]
     sum_logp, Nk, S1, S2 = (a.to(means.dtype) for a in acc)
-    if kernel_cov == "full":  # whitened Y = Σ r y yᵀ (entries d ≤ e), tied: summed over k
-        Yu = S2.triu()
-        S2 = _unwhiten(prec_chol.detach().to(S2.dtype), Yu.sum(0) if cov == "tied" else Yu)
+    if cov == "tied":  # M = Σ r z zᵀ summed over the components
+        S2 = S2.sum(0)
     n_all = torch.tensor([float(n)], dtype=means.dtype, device=dev)
     all_sum(sum_logp, n_all, Nk, S1, S2)
     return Stats(sum_logp, int(n_all.item()), Nk, S1, S2)

@@ -93,7 +93,8 @@ inline bool use_one_point(int cov, int64_t G, int64_t Gx, int64_t N, int64_t K, 
 // fwd_one / bwd_one: one point per mixture (use_one_point), rows [b, e): log p, and the final
 //   gradients of those rows' mixtures (written); a [G, K] is not used (computed per row).
 // em: the E-step's sums over tiles [b, e) of one mixture (G = 1), added to acc (double,
-//   [N_k | S1 | S2]) and lsum (Σ log p); kernels.inc em_impl.
+//   [N_k | S1 | S2]) and lsum (Σ log p); kernels.inc em_impl (float: full's S2 is the whitened
+//   Σ r y yᵀ) and em64_impl (double: full's S2 is Σ r z zᵀ), upper triangles.
 #define FASTGMMDIFF_DECLARE_KERNELS(NS)                                                        \
   namespace NS {                                                                               \
   void fwd(const Problem<float>& p, float* out, int64_t begin, int64_t end);                   \
