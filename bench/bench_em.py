@@ -6,6 +6,7 @@ dtype (float64 and float32: scikit-learn keeps float32 data in float32), same th
     python -m pytest bench/bench_em.py --benchmark-only      # pytest-benchmark table
     python bench/bench_em.py                                  # side by side, ratios (README)
     python bench/bench_em.py --device cuda                    # one EM iteration at Flash-GMM's shapes
+    python bench/bench_em.py --floor                          # the E-step against this CPU's FMA floor
 
 Each case first checks the fit against scikit-learn's (every fitted attribute and the lower
 bound, relative to the attribute's largest element: 1e-8 in float64, 1e-4 in float32); under
@@ -166,10 +167,89 @@ def device_table(device: str = "cuda", shapes=GPU_SHAPES):
         print(f"| {cov} | {n} | {k} | {d} | {r['ms']:.2f} | {r['error']:.1e} |")
 
 
+# --- the E-step against this CPU's FMA floor ---------------------------------------------------------
+
+# Multiplies and FMAs (the work of the CPU's FMA pipes) per point and component of the fused
+# E-step, counted from kernels.inc em64_impl: ℓ (z·s then t² added: 2 per entry; full y = Uᵀz
+# over d ≤ e and y² added), the sums (r·z then r z·z added: 2 per entry; full r·z then the
+# upper triangle of Σ r z zᵀ), exp (the double polynomial and reduction: 17 per 4-lane vector).
+def fma_ops(cov: str, d: int = D) -> float:
+    exp = 17 / 4
+    if cov == "diag":
+        return 4 * d + exp
+    tri = d * (d + 1) // 2
+    return (tri + d) + (d + tri) + exp
+
+
+def fma_peak(threads: int) -> float | None:
+    """Lane-FMAs per second of ``threads`` threads, from bench/fma_peak.c (gcc, AVX2); None
+    where it cannot be built or run."""
+    import os
+    import subprocess
+    import tempfile
+
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.c")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "fma_peak")
+        try:
+            subprocess.run(["gcc", "-O2", "-mavx2", "-mfma", "-fopenmp", src, "-o", exe], check=True,
+                           capture_output=True)
+            out = subprocess.run([exe], check=True, capture_output=True, text=True,
+                                 env=dict(os.environ, OMP_NUM_THREADS=str(threads))).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    return float(out.split()[0])
+
+
+def floor_table(reps: int = 7):
+    """One fused E-step (``fastgmmdiff::em_stats``, float64, N = 200,000, D = 16, K = 64) against
+    its FMA floor: the counted multiplies and FMAs (``fma_ops``) at the FMA rate measured in the
+    same run by bench/fma_peak.c (the issue rate of the FMA pipes), and at the rate of a float64
+    matrix product (2048³, what BLAS attains)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    peak = fma_peak(threads)
+    a = torch.randn(2048, 2048, dtype=torch.float64)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    gemm = 3 * 2048 ** 3 / (time.perf_counter() - t0)  # lane-FMAs per second
+    print(f"threads {threads}; FMA issue rate {peak / 1e9 if peak else float('nan'):.1f} G lane-FMA/s "
+          f"(bench/fma_peak.c); float64 matmul {gemm / 1e9:.1f} G FMA/s")
+    print("| covariance | E-step ms | FMA ops per point·component | floor ms (issue rate) | × floor | "
+          "floor ms (matmul rate) | × floor |")
+    print("|---|---|---|---|---|---|---|")
+    for cov in ("diag", "full"):
+        X, kw = problem(cov, np.float64)
+        x = torch.from_numpy(X)
+        means = torch.from_numpy(kw["means_init"])
+        from fastgmmdiff import convert
+
+        U = convert.precision_to_prec_chol(torch.from_numpy(np.asarray(kw["precisions_init"])), cov)
+        logits = torch.from_numpy(np.log(kw["weights_init"]))
+        op = torch.ops.fastgmmdiff.em_stats
+        op(x, means, U, logits, cov)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            op(x, means, U, logits, cov)
+            ts.append(time.perf_counter() - t0)
+        t = min(ts)
+        work = N * K * fma_ops(cov)
+        f_peak = work / peak if peak else float("nan")
+        f_gemm = work / gemm
+        print(f"| {cov} | {1e3 * t:.1f} | {fma_ops(cov):.2f} | {1e3 * f_peak:.1f} | {t / f_peak:.2f}× | "
+              f"{1e3 * f_gemm:.1f} | {t / f_gemm:.2f}× |")
+
+
 if __name__ == "__main__":
     import sys
 
     if "--device" in sys.argv:
         device_table(sys.argv[sys.argv.index("--device") + 1])
+    elif "--floor" in sys.argv:
+        floor_table()
     else:
         side_by_side()
