@@ -400,6 +400,37 @@ def test_fused_e_step_every_instruction_set(isa, cov, seed, monkeypatch):
 
 
 @pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_fused_e_step_responsibilities_to_a_few_ulps(cov, seed):
+    """One point at a time N_k is the point's responsibilities r_k themselves: every r_k of the
+    float64 E-step is as close to plain PyTorch's softmax as the rounding of ℓ allows (bar: 16
+    eps + 4 eps (|ℓ_k| + |log p|), ~1e-14 here), the kernels' own exp included (the gradient
+    bar of the tests above does not hold it to that: a misplaced r⁸ term in its polynomial,
+    1e-11 relative at the reduced argument's ends, passed them; this test failed on it)."""
+    g = torch.Generator().manual_seed(seed)
+    K, D, N = 7, 5, 150
+    centres = 3 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    X = centres[torch.randint(K, (N,), generator=g)] + torch.randn(N, D, generator=g, dtype=torch.float64)
+    means = centres + 0.3 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    if cov == "diag":
+        U = 0.7 + 0.3 * torch.rand(K, D, generator=g, dtype=torch.float64)
+    else:
+        U = (0.8 * torch.eye(D, dtype=torch.float64) + 0.1 * torch.randn(K, D, D, generator=g, dtype=torch.float64)).triu()
+    logits = torch.randn(K, generator=g, dtype=torch.float64)
+    from fastgmmdiff import reference
+
+    r = torch.stack([torch.ops.fastgmmdiff.em_stats(X[i:i + 1], means, U, logits, cov)[1] for i in range(N)])
+    lp = reference.component_log_prob(X, means, U, logits, cov)
+    r_ref = torch.softmax(lp, -1)
+    # r = exp(ℓ − log p): each side's rounding of ℓ and log p (~eps·|ℓ|) moves r by as much,
+    # relative; exp, the sum and the division a few eps more
+    eps = torch.finfo(torch.float64).eps
+    bar = 16 * eps + 4 * eps * (lp.abs() + torch.logsumexp(lp, -1, keepdim=True).abs())
+    ratio = ((r - r_ref).abs() / r_ref / bar).max().item()
+    assert ratio <= 1, f"responsibilities {ratio:.3g}× their bar"
+
+
+@pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")
 def test_fused_e_step_takes_only_its_layouts():
     """em_stats is the estimator's internal op: one mixture, diag/spherical/full; anything else
     is a clear error."""

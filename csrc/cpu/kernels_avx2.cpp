@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 #if defined(__x86_64__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 #include "problem.h"
