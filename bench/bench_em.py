@@ -172,9 +172,10 @@ def device_table(device: str = "cuda", shapes=GPU_SHAPES):
 # Multiplies and FMAs (the work of the CPU's FMA pipes) per point and component of the fused
 # E-step, counted from kernels.inc em64_impl: ℓ (z·s then t² added: 2 per entry; full y = Uᵀz
 # over d ≤ e and y² added), the sums (r·z then r z·z added: 2 per entry; full r·z then the
-# upper triangle of Σ r z zᵀ), exp (the double polynomial and reduction: 17 per 4-lane vector).
+# upper triangle of Σ r z zᵀ), exp (vexp_nonpos: 3 for the reduction, 2 powers of r and 13 in
+# Estrin's scheme: 18 per 4-lane vector).
 def fma_ops(cov: str, d: int = D) -> float:
-    exp = 17 / 4
+    exp = 18 / 4
     if cov == "diag":
         return 4 * d + exp
     tri = d * (d + 1) // 2
