@@ -21,12 +21,13 @@ of the data (``chunk_size``) and processes (``torch.distributed``) add their raw
 counts, and the recovery runs once on the totals.
 
 On the ``cpu`` backend (CPU parameters, float32/float64 data) the E-step is instead the
-kernels' one fused pass, ``fastgmmdiff::em_stats`` (csrc/cpu/kernels.inc em_impl): per tile
-of points every component's ℓ, the responsibilities as their softmax (max and sum: one exp
-per point and component), and N_k, S1, S2 (diag/spherical) or the whitened Y = Σ r y yᵀ
-(full/tied, y = Uᵀz; M = U⁻ᵀ Y U⁻¹ here in float64, so float32 data keeps every entry of M to
-its own relative accuracy) added in float64 — no forward/backward pair, no ∂x
-(``_e_step_fused``).
+kernels' one fused pass, ``fastgmmdiff::em_stats`` (csrc/cpu/kernels.inc em64_impl for
+float64 data, em_impl for float32): per tile of points every component's ℓ, the
+responsibilities as their softmax (max and sum: one exp per point and component), and N_k,
+S1, S2 (diag/spherical) or M = Σ r z zᵀ (full/tied) about each component's mean, added in
+float64 — no forward/backward pair, no ∂x (``_e_step_fused``).  For float32 data the kernel
+sums the whitened Y = Σ r y yᵀ (y = Uᵀz) and the op returns M = U⁻ᵀ Y U⁻¹ formed in float64,
+so that every entry of M keeps its own relative accuracy.
 
 The M-step is scikit-learn's (``sklearn.mixture._gaussian_mixture``): n_k = N_k + 10·eps,
 μ = Σ r x / n_k, covariances with ``reg_covar`` on the diagonal, weights n_k / Σ n_k, the
