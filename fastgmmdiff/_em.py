@@ -26,8 +26,8 @@ float64 data, em_impl for float32): per tile of points every component's ℓ, th
 responsibilities as their softmax (max and sum: one exp per point and component), and N_k,
 S1, S2 (diag/spherical) or M = Σ r z zᵀ (full/tied) about each component's mean, added in
 float64 — no forward/backward pair, no ∂x (``_e_step_fused``).  For float32 data the kernel
-sums the whitened Y = Σ r y yᵀ (y = Uᵀz) and the op returns M = U⁻ᵀ Y U⁻¹ formed in float64,
-so that every entry of M keeps its own relative accuracy.
+sums the whitened Y = Σ r y yᵀ (y = Uᵀz) and M = U⁻ᵀ Y U⁻¹ is formed here in float64, so that
+every entry of M keeps its own relative accuracy.
 
 The M-step is scikit-learn's (``sklearn.mixture._gaussian_mixture``): n_k = N_k + 10·eps,
 μ = Σ r x / n_k, covariances with ``reg_covar`` on the diagonal, weights n_k / Σ n_k, the
@@ -158,9 +158,13 @@ def _e_step_fused(X: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, c
         z = torch.zeros((), dtype=torch.float64)
         acc = [z, torch.zeros(K, dtype=torch.float64), torch.zeros(K, D, dtype=torch.float64),
                torch.zeros((K, D) if cov == "diag" else (K,) if cov == "spherical" else (K, D, D), dtype=torch.float64)]
+    if kernel_cov == "full":  # upper triangles of M = Σ r z zᵀ (float64 data) or the whitened Y
+        Su = acc[3].triu()
+        if cov == "tied":  # summed over the components (float32: their shared U)
+            Su = Su.sum(0)
+        # float32: unwhitened in float64 with U as the kernel used it (rounded to float32)
+        acc[3] = _symmetric(Su) if dt == torch.float64 else _unwhiten(prec_chol.detach().to(dt).double(), Su)
     sum_logp, Nk, S1, S2 = (a.to(means.dtype) for a in acc)
-    if cov == "tied":  # M = Σ r z zᵀ summed over the components
-        S2 = S2.sum(0)
     n_all = torch.tensor([float(n)], dtype=means.dtype, device=dev)
     all_sum(sum_logp, n_all, Nk, S1, S2)
     return Stats(sum_logp, int(n_all.item()), Nk, S1, S2)
@@ -171,9 +175,14 @@ def _lower_inv_t(U: Tensor, B: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(U.transpose(-1, -2), B, upper=False)
 
 
+def _symmetric(Au: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle is Au's (batched)."""
+    return Au + Au.transpose(-1, -2) - torch.diag_embed(torch.diagonal(Au, dim1=-2, dim2=-1))
+
+
 def _unwhiten(U: Tensor, Yu: Tensor) -> Tensor:
     """M = U⁻ᵀ Y U⁻¹ (symmetric) from the upper triangle Yu of the symmetric Y = Uᵀ M U."""
-    Y = Yu + Yu.transpose(-1, -2) - torch.diag_embed(torch.diagonal(Yu, dim1=-2, dim2=-1))
+    Y = _symmetric(Yu)
     B = _lower_inv_t(U, Y)  # U⁻ᵀ Y
     M = _lower_inv_t(U, B.transpose(-1, -2)).transpose(-1, -2)  # U⁻ᵀ Y U⁻¹
     return 0.5 * (M + M.transpose(-1, -2))

@@ -438,7 +438,7 @@ class GaussianMixture(nn.Module):
             raise ValueError(f"Found array with {X.shape[0]} sample(s) (shape={tuple(X.shape)}) while a minimum of 2 "
                              "is required by GaussianMixture.")
         # a NaN or ±inf anywhere makes the sum non-finite: one reduction without a [N, D] mask
-        # (4 of a 3-iteration fit's 113 ms at N = 200,000, D = 16); the exact test only then
+        # (the mask took 6.7 ms at N = 200,000, D = 16, the sum 0.4); the exact test only then
         if X.numel() and not bool(torch.isfinite(X.sum())) and not bool(torch.isfinite(X).all()):
             kind = "NaN" if bool(torch.isnan(X).any()) else "infinity or a value too large for its dtype"
             raise ValueError(f"Input X contains {kind}.")

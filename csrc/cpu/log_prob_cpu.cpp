@@ -346,21 +346,12 @@ at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::
 
 // The E-step's statistics in one fused pass: x [N, D] under one mixture (means [K, D],
 // prec_chol diag [K, D] | spherical [K] | full [K, D, D], logits [K]) → (Σ log p [], N_k [K],
-// S1 = Σ r z [K, D], S2: diag Σ r z² [K, D] | spherical Σ r ‖z‖² [K] | full Σ r z zᵀ [K, D, D]),
-// all float64, z = x − μ_k about the given means.  float32 data: kernels.inc em_impl (full: the
-// whitened Σ r y yᵀ, y = U_kᵀz, turned into M = U⁻ᵀ Y U⁻¹ here); float64 data: em64_impl.
-// Tiles split as the backward's (ChunkPlan), the chunks' sums added in order: the same bits for
-// any thread count.
+// S1 = Σ r z [K, D], S2: diag Σ r z² [K, D] | spherical Σ r ‖z‖² [K] | full [K, D, D], entries
+// d ≤ e (the rest undefined) of Σ r z zᵀ for float64 data (kernels.inc em64_impl) and of the
+// whitened Σ r y yᵀ, y = U_kᵀz, for float32 (em_impl; fastgmmdiff/_em.py forms M = U⁻ᵀ Y U⁻¹)),
+// all float64, z = x − μ_k about the given means.  Tiles split as the backward's (ChunkPlan), the
+// chunks' sums added in order: the same bits for any thread count.
 namespace {
-
-// M = U⁻ᵀ Y U⁻¹ (symmetric) from the upper triangles Yu [K, D, D] of Y = Uᵀ M U, in float64.
-at::Tensor unwhiten(const at::Tensor& U, const at::Tensor& Yu) {
-  const at::Tensor Ut = U.to(at::kDouble).triu().transpose(-1, -2);  // lower: Uᵀ
-  const at::Tensor Y = Yu + Yu.transpose(-1, -2) - at::diag_embed(at::diagonal(Yu, 0, -2, -1));
-  const at::Tensor B = at::linalg_solve_triangular(Ut, Y, false);                     // U⁻ᵀ Y
-  const at::Tensor M = at::linalg_solve_triangular(Ut, B.transpose(-1, -2), false).transpose(-1, -2);
-  return 0.5 * (M + M.transpose(-1, -2));
-}
 
 // Runs fn(b, e, chunk buffer) over the tiles and returns the chunks' buffers [per] summed in order.
 template <typename Fn>
@@ -397,17 +388,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_stats_cpu(const at
     tot = em_sum(r, per, [&](int64_t b0, int64_t e0, double* acc) { run_em(p, acc, acc + per - 1, b0, e0); });
   });
   at::Tensor S2 = tot.narrow(0, K * (1 + D), K * ps);
-  if (r.cov == kDiag) {
-    S2 = S2.view({K, D}).clone();
-  } else if (r.cov == kSpherical) {
-    S2 = S2.view({K}).clone();
-  } else {
-    const at::Tensor Su = S2.view({K, D, D}).triu();
-    S2 = r.x.scalar_type() == at::kDouble
-             ? Su + Su.transpose(1, 2) - at::diag_embed(at::diagonal(Su, 0, 1, 2))
-             : unwhiten(r.prec.view({K, D, D}), Su);
-  }
-  return {tot[per - 1].clone(), tot.narrow(0, 0, K).clone(), tot.narrow(0, K, K * D).view({K, D}).clone(), S2};
+  S2 = r.cov == kDiag ? S2.view({K, D}) : r.cov == kSpherical ? S2.view({K}) : S2.view({K, D, D});
+  return {tot[per - 1].clone(), tot.narrow(0, 0, K).clone(), tot.narrow(0, K, K * D).view({K, D}).clone(),
+          S2.clone()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu(
