@@ -338,16 +338,19 @@ def _stats_problem(cov, N, K, D, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("cov", COVS)
 @pytest.mark.parametrize("N", [1, 63, 64, 200])
-def test_fused_e_step_against_float64(cov, dtype, N, seed):
+@pytest.mark.parametrize("D", [7, 18])
+def test_fused_e_step_against_float64(cov, dtype, N, D, seed):
     """GaussianMixture.fit on CPU runs each E-step as one fused pass of the CPU kernels (no
     gradients, no N×K array): every statistic element by element against plain PyTorch in
     float64 on the same (dtype-rounded) values, within the gradient bar of the data's dtype;
     N around the 64-point tile (padding lanes must add nothing); chunked data gives the same
-    sums; one and two threads give the same bits."""
+    sums; one and two threads give the same bits.  D = 7 and 18: rows of one and of several
+    vectors with a remainder (the sums over the points above the floor take the tile's rows
+    with lanes over the entries)."""
     from fastgmmdiff import _em
     from fastgmmdiff.testing import assert_close_per_element, bars
 
-    K, D = 5, 7
+    K = 5
     X, means, U, logits = _stats_problem(cov, N, K, D, dtype, seed)
     assert _em._fused("auto", torch.device("cpu"), dtype)
     st = _em.e_step(X, means, U, logits, cov)
@@ -361,13 +364,19 @@ def test_fused_e_step_against_float64(cov, dtype, N, seed):
     chunked = _em.e_step(X, means, U, logits, cov, chunk_size=max(1, N // 3))
     for name, a, b in zip(("N_k", "S1", "S2"), (chunked.Nk, chunked.S1, chunked.S2), ref[1:]):
         assert_close_per_element(a, b, bar, f"chunked {name}")
+    # the kernel's own sums (before _em's float64 algebra, whose matrix products need not give
+    # the same bits on one and two threads)
+    Uk = U.expand(K, D, D) if cov == "tied" else U
+    args = [t.to(dtype).contiguous() for t in (means, Uk, logits)]
+    raw = lambda: torch.ops.fastgmmdiff.em_stats(X.contiguous(), *args, "full" if cov == "tied" else cov)
+    two = raw()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _em.e_step(X, means, U, logits, cov)
+        one = raw()
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(one[2:], st[2:]):
+    for a, b in zip(one, two):
         assert torch.equal(a, b)
 
 
@@ -406,7 +415,9 @@ def test_fused_e_step_responsibilities_to_a_few_ulps(cov, seed):
     float64 E-step is as close to plain PyTorch's softmax as the rounding of ℓ allows (bar: 16
     eps + 4 eps (|ℓ_k| + |log p|), ~1e-14 here), the kernels' own exp included (the gradient
     bar of the tests above does not hold it to that: a misplaced r⁸ term in its polynomial,
-    1e-11 relative at the reduced argument's ends, passed them; this test failed on it)."""
+    1e-11 relative at the reduced argument's ends, passed them; this test failed on it).
+    Below the responsibility floor (ℓ_k more than 100 below the point's largest: r < 3.7e-44,
+    kernels.inc kEmFloor) r is exactly 0; within the rounding of ℓ of it, either."""
     g = torch.Generator().manual_seed(seed)
     K, D, N = 7, 5, 150
     centres = 3 * torch.randn(K, D, generator=g, dtype=torch.float64)
@@ -426,8 +437,11 @@ def test_fused_e_step_responsibilities_to_a_few_ulps(cov, seed):
     # relative; exp, the sum and the division a few eps more
     eps = torch.finfo(torch.float64).eps
     bar = 16 * eps + 4 * eps * (lp.abs() + torch.logsumexp(lp, -1, keepdim=True).abs())
-    ratio = ((r - r_ref).abs() / r_ref / bar).max().item()
+    gap = lp - lp.amax(-1, keepdim=True)
+    below, edge = gap < -100 - 1e-9, (gap + 100).abs() <= 1e-9
+    ratio = ((r - r_ref).abs() / r_ref / bar)[~below & ~(edge & (r == 0))].max().item()
     assert ratio <= 1, f"responsibilities {ratio:.3g}× their bar"
+    assert (r[below] == 0).all(), "responsibilities below the floor"
 
 
 @pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")
