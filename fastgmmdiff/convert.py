@@ -23,6 +23,11 @@ numpy out) and computes what scikit-learn computes, with the same factorisations
 * and the way back: :func:`prec_chol_to_covariance`, :func:`prec_chol_to_precision`,
   :func:`prec_chol_to_scale_tril`, :func:`prec_chol_to_scale`.
 
+Factorisations and inverses of float32 (or half) matrices are computed in float64 and rounded
+back to the input's dtype (on devices without float64, such as MPS, in the input's dtype): in
+float32 their own rounding, ~κ(Σ)·eps, would otherwise be the largest error of a log-density and
+its gradients downstream.  Gradients flow through the cast as usual.
+
 Entries of U below the diagonal are ignored (read as 0), as everywhere in fastgmmdiff.  A
 covariance or precision that is not positive definite is a ValueError naming the first bad
 matrix; a non-positive variance or scale likewise.
@@ -53,6 +58,14 @@ def _as_tensor(a, name: str):
         raise TypeError(f"{name} must be a real array, got dtype {arr.dtype}")
     dtype = arr.dtype if arr.dtype.kind == "f" else np.float64
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=dtype)), lambda t: t.detach().cpu().numpy()
+
+
+def _wide(t: Tensor):
+    """(t in float64, narrow) for a float32 or half t, narrow rounding a result back to t's dtype;
+    (t, identity) for float64 or where the device has no float64."""
+    if t.dtype == torch.float64 or t.device.type == "mps":
+        return t, lambda r: r
+    return t.double(), lambda r: r.to(t.dtype)
 
 
 def _check_type(covariance_type: str, t: Tensor, name: str) -> None:
@@ -110,7 +123,8 @@ def covariance_to_prec_chol(covariances, covariance_type: str = "full"):
     if covariance_type in ("diag", "spherical"):
         _check_positive(t, "covariances")
         return back(1.0 / torch.sqrt(t))
-    return back(_inv_lower_t(_cholesky(t, "covariances")))
+    w, narrow = _wide(t)
+    return back(narrow(_inv_lower_t(_cholesky(w, "covariances"))))
 
 
 def prec_chol_to_covariance(prec_chol, covariance_type: str = "full"):
@@ -120,8 +134,9 @@ def prec_chol_to_covariance(prec_chol, covariance_type: str = "full"):
     if covariance_type in ("diag", "spherical"):
         _check_positive(t, "prec_chol")
         return back(1.0 / (t * t))
-    Uinv_t = _inv_upper_t(t.triu())  # U⁻ᵀ, lower
-    return back(Uinv_t @ Uinv_t.mT)
+    w, narrow = _wide(t)
+    Uinv_t = _inv_upper_t(w.triu())  # U⁻ᵀ, lower
+    return back(narrow(Uinv_t @ Uinv_t.mT))
 
 
 def precision_to_prec_chol(precisions, covariance_type: str = "full"):
@@ -133,7 +148,8 @@ def precision_to_prec_chol(precisions, covariance_type: str = "full"):
     if covariance_type in ("diag", "spherical"):
         _check_positive(t, "precisions")
         return back(torch.sqrt(t))
-    return back(_cholesky(t.flip(-1, -2), "precisions").flip(-1, -2))
+    w, narrow = _wide(t)
+    return back(narrow(_cholesky(w.flip(-1, -2), "precisions").flip(-1, -2)))
 
 
 def prec_chol_to_precision(prec_chol, covariance_type: str = "full"):
@@ -142,8 +158,9 @@ def prec_chol_to_precision(prec_chol, covariance_type: str = "full"):
     _check_type(covariance_type, t, "prec_chol")
     if covariance_type in ("diag", "spherical"):
         return back(t * t)
-    U = t.triu()
-    return back(U @ U.mT)
+    w, narrow = _wide(t)
+    U = w.triu()
+    return back(narrow(U @ U.mT))
 
 
 def scale_tril_to_prec_chol(scale_tril):
@@ -151,14 +168,16 @@ def scale_tril_to_prec_chol(scale_tril):
     Entries of L above the diagonal are ignored, as ``torch.linalg.solve_triangular`` does."""
     t, back = _as_tensor(scale_tril, "scale_tril")
     _check_type("tied", t, "scale_tril")
-    return back(_inv_lower_t(t.tril()))
+    w, narrow = _wide(t)
+    return back(narrow(_inv_lower_t(w.tril())))
 
 
 def prec_chol_to_scale_tril(prec_chol):
     """torch's ``scale_tril`` L = U⁻ᵀ (lower triangular, Σ = L Lᵀ) from U, ``[..., D, D]``."""
     t, back = _as_tensor(prec_chol, "prec_chol")
     _check_type("tied", t, "prec_chol")
-    return back(_inv_upper_t(t.triu()))
+    w, narrow = _wide(t)
+    return back(narrow(_inv_upper_t(w.triu())))
 
 
 def scale_to_prec_chol(scale):

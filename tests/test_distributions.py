@@ -404,6 +404,36 @@ def test_converters_on_a_fitted_scikit_learn_model(cov):
     assert _rel(convert.precision_to_prec_chol(sk.precisions_, cov), sk.precisions_cholesky_) <= 1e-12
 
 
+def test_float32_converters_factorise_in_float64(seed):
+    """float32 matrices are factorised and inverted in float64 and rounded back: each converter's
+    float32 result is its float64 result on the same values, rounded (so within half an ulp of
+    it), and so are the gradients; done in float32, a matrix with condition number ~1e4 would be
+    off by ~κ·eps (the flake this guards: float32 covariance_matrix gradients 3.55× the bar)."""
+    gen = torch.Generator().manual_seed(seed)
+    K, D = 6, 5
+    Q = torch.linalg.qr(torch.randn(K, D, D, generator=gen, dtype=torch.float64))[0]
+    cov = ((Q * torch.logspace(-2, 2, D, dtype=torch.float64)) @ Q.mT).float()  # κ = 1e4
+    cov = 0.5 * (cov + cov.mT)
+    L = torch.linalg.cholesky(cov.double()).float()
+    U = convert.covariance_to_prec_chol(cov.double()).float()
+    cases = [(convert.covariance_to_prec_chol, cov), (convert.precision_to_prec_chol, convert.prec_chol_to_precision(U)),
+             (convert.prec_chol_to_covariance, U), (convert.prec_chol_to_precision, U),
+             (convert.scale_tril_to_prec_chol, L), (convert.prec_chol_to_scale_tril, U)]
+    for f, x in cases:
+        x32 = x.detach().clone().requires_grad_()
+        x64 = x.detach().double().requires_grad_()
+        y32, y64 = f(x32), f(x64)
+        assert y32.dtype == torch.float32
+        assert torch.equal(y32, y64.float()), f.__name__
+        up = torch.randn(y32.shape, generator=gen, dtype=torch.float64)
+        g32, = torch.autograd.grad((y32 * up.float()).sum(), x32)
+        g64, = torch.autograd.grad((y64 * up.float().double()).sum(), x64)
+        assert torch.equal(g32, g64.float()), f.__name__
+        # numpy float32 in, numpy float32 out, the same numbers
+        yn = f(x.detach().numpy())
+        assert yn.dtype == np.float32 and np.array_equal(yn, y32.detach().numpy()), f.__name__
+
+
 def test_converters_are_differentiable_and_check_their_input():
     A = torch.randn(3, 3, 3, dtype=torch.float64)
     cov = (A @ A.mT + torch.eye(3, dtype=torch.float64)).requires_grad_()
