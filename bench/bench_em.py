@@ -171,38 +171,42 @@ def device_table(device: str = "cuda", shapes=GPU_SHAPES):
 
 # --- the E-step against this CPU's FMA floor ---------------------------------------------------------
 
-# Multiplies and FMAs (the work of the CPU's FMA pipes) per point and component of the fused
-# E-step, counted from kernels.inc em64_impl: ℓ (z·s then t² added: 2 per entry; full y = Uᵀz
-# over d ≤ e and y² added), the sums (r·z then r z·z added: 2 per entry; full r·z then the
-# upper triangle of Σ r z zᵀ), exp (vexp_nonpos: 3 for the reduction, 2 powers of r and 13 in
-# Estrin's scheme: 18 per 4-lane vector).
 def fma_ops(cov: str, d: int = D, live: float = 1.0) -> float:
-    """Multiplies and FMAs per point and component of the float64 E-step (kernels.inc em64_impl):
-    ℓ (diag: (x − μ)·s and its square, per entry; full: U_kᵀz and the squares), the softmax's
-    exp (vexp_nonpos: 8 per 4-lane vector), and the sums for the fraction ``live`` of the pairs
-    above the responsibility floor (diag: r·z and r·z², per entry; full: r·z and r z zᵀ's upper
-    triangle); ``live=1`` counts every pair."""
+    """Multiplies and FMAs (the work of the CPU's FMA pipes) per point and component of the
+    float64 E-step (kernels.inc em64_impl): ℓ for every pair (diag: (x − μ)·s and its square, per
+    entry; full: U_kᵀz and the squares), and for the fraction ``live`` of the pairs above the
+    responsibility floor the softmax's exp (vexp_nonpos: 8 per 4-lane vector) and the sums (diag:
+    r·z and r·z², per entry; full: r·z and r z zᵀ's upper triangle); ``live=1`` counts every
+    pair (the dense E-step)."""
     exp = 8 / 4
     if cov == "diag":
-        return 2 * d + exp + live * 2 * d
+        return 2 * d + live * (exp + 2 * d)
     tri = d * (d + 1) // 2
-    return (tri + d) + exp + live * (d + tri)
+    return (tri + d) + live * (exp + d + tri)
 
 
-def live_fraction(X, kw, cov: str) -> float:
+def live_fraction(X, kw, cov: str, order=None) -> tuple[float, float]:
     """The fraction of (point, component) pairs whose ℓ is within the responsibility floor (100)
-    of the point's largest: those the E-step sums."""
+    of the point's largest (those the E-step must sum), and the fraction of (tile of 64 points,
+    component) pairs with at least one such point, the tiles taking the rows in ``order``
+    (None: as they are): those whose softmax and sums the kernel runs."""
     import torch
 
     from fastgmmdiff import convert, reference
 
     U = convert.precision_to_prec_chol(torch.from_numpy(np.asarray(kw["precisions_init"])), cov)
     means, logits = torch.from_numpy(kw["means_init"]), torch.from_numpy(np.log(kw["weights_init"]))
-    n = 0
-    for x in torch.from_numpy(X).split(4096):  # full's reference forms [n, K, D, D]
-        lp = reference.component_log_prob(x, means, U, logits, cov)
-        n += (lp >= lp.amax(-1, keepdim=True) - 100).sum().item()
-    return n / (X.shape[0] * kw["means_init"].shape[0])
+    x = torch.from_numpy(X)
+    if order is not None:
+        x = x[order]
+    pairs = tiles = 0
+    for xc in x.split(4096):  # full's reference forms [n, K, D, D]; 4096 is whole tiles
+        lp = reference.component_log_prob(xc, means, U, logits, cov)
+        live = lp >= lp.amax(-1, keepdim=True) - 100
+        pairs += live.sum().item()
+        tiles += sum(t.any(0).sum().item() for t in live.split(64))
+    K = kw["means_init"].shape[0]
+    return pairs / (X.shape[0] * K), tiles / (-(-X.shape[0] // 64) * K)
 
 
 def fma_peak(threads: int) -> float | None:
@@ -227,10 +231,12 @@ def fma_peak(threads: int) -> float | None:
 
 def floor_table(reps: int = 7):
     """One fused E-step (``fastgmmdiff::em_stats``, float64, N = 200,000, D = 16, K = 64) against
-    its FMA floor: the counted multiplies and FMAs (``fma_ops``) at the FMA rate measured in the
-    same run by bench/fma_peak.c (the issue rate of the FMA pipes), and at the rate of a float64
-    matrix product (2048³, what BLAS attains).  The sums are counted for the pairs above the
-    responsibility floor (the work the kernel must do); the dense column counts every pair."""
+    its FMA floor: the counted multiplies and FMAs (``fma_ops``: ℓ for every pair, exp and sums for
+    the pairs above the responsibility floor: the work any E-step with this floor must do) at the
+    FMA rate measured in the same run by bench/fma_peak.c (the issue rate of the FMA pipes), and
+    at the rate of a float64 matrix product (2048³, what BLAS attains).  Timed with the rows as
+    they are (random order) and grouped by component (the estimator's E-steps after its first:
+    the kernel's regroup), best of ``reps``; the dense column counts every pair's exp and sums."""
     import torch
 
     threads = torch.get_num_threads()
@@ -243,33 +249,34 @@ def floor_table(reps: int = 7):
     gemm = 3 * 2048 ** 3 / (time.perf_counter() - t0)  # lane-FMAs per second
     print(f"threads {threads}; FMA issue rate {peak / 1e9 if peak else float('nan'):.1f} G lane-FMA/s "
           f"(bench/fma_peak.c); float64 matmul {gemm / 1e9:.1f} G FMA/s")
-    print("| covariance | E-step ms | pairs above the floor | FMA ops per point·component | floor ms (issue rate) "
-          "| × floor | floor ms (matmul rate) | × floor | × dense floor (issue rate) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| covariance | rows | E-step ms | pairs above the floor | (tile, component) pairs run "
+          "| floor ms (issue rate) | × floor | floor ms (matmul rate) | × floor | × dense floor (issue rate) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    from fastgmmdiff import convert
+
     for cov in ("diag", "full"):
         X, kw = problem(cov, np.float64)
         x = torch.from_numpy(X)
         means = torch.from_numpy(kw["means_init"])
-        from fastgmmdiff import convert
-
         U = convert.precision_to_prec_chol(torch.from_numpy(np.asarray(kw["precisions_init"])), cov)
         logits = torch.from_numpy(np.log(kw["weights_init"]))
         op = torch.ops.fastgmmdiff.em_stats
-        op(x, means, U, logits, cov)
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            op(x, means, U, logits, cov)
-            ts.append(time.perf_counter() - t0)
-        t = min(ts)
-        live = live_fraction(X, kw, cov)
-        ops = fma_ops(cov, live=live)
-        work = N * K * ops
-        f_peak = work / peak if peak else float("nan")
-        f_gemm = work / gemm
-        f_dense = N * K * fma_ops(cov) / peak if peak else float("nan")
-        print(f"| {cov} | {1e3 * t:.1f} | {live:.3f} | {ops:.2f} | {1e3 * f_peak:.1f} | {t / f_peak:.2f}× | "
-              f"{1e3 * f_gemm:.1f} | {t / f_gemm:.2f}× | {t / f_dense:.2f}× |")
+        grouped = op(x, means, U, logits, cov, None, True)[4]
+        for rows, order in (("random", None), ("grouped", grouped)):
+            op(x, means, U, logits, cov, order)
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                op(x, means, U, logits, cov, order)
+                ts.append(time.perf_counter() - t0)
+            t = min(ts)
+            live, run = live_fraction(X, kw, cov, order)
+            work = N * K * fma_ops(cov, live=live)
+            f_peak = work / peak if peak else float("nan")
+            f_gemm = work / gemm
+            f_dense = N * K * fma_ops(cov) / peak if peak else float("nan")
+            print(f"| {cov} | {rows} | {1e3 * t:.1f} | {live:.3f} | {run:.3f} | {1e3 * f_peak:.1f} | "
+                  f"{t / f_peak:.2f}× | {1e3 * f_gemm:.1f} | {t / f_gemm:.2f}× | {t / f_dense:.2f}× |")
 
 
 if __name__ == "__main__":

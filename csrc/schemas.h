@@ -32,10 +32,14 @@ inline void define_schemas(torch::Library& m) {
   m.def("ngmg_backward(Tensor grad, Tensor x, Tensor means, Tensor prec_chol, Tensor logits, Tensor? target, "
         "Tensor loss, Tensor logp, str covariance_type, bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
   // The E-step's statistics of x [N, D] under one mixture, one fused pass (CPU; GaussianMixture.fit):
-  // (Σ log p, N_k, S1 = Σ r z, S2 = Σ r z² | Σ r ‖z‖² | Σ r y yᵀ upper triangle, y = U_kᵀz), float64,
-  // z = x − μ_k.
-  m.def("em_stats(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, str covariance_type) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // (Σ log p, N_k, S1 = Σ r z, S2 = Σ r z² | Σ r ‖z‖² | Σ r y yᵀ upper triangle, y = U_kᵀz, regrouped),
+  // float64, z = x − μ_k.  order: the rows in the order the kernel's tiles take them (int64 [N], a
+  // permutation of 0..N−1; none: as they are); the sums are the same up to rounding.  regroup:
+  // the 5th output is such an order for the next call, the rows grouped by their most likely
+  // component (a stable counting sort; else it is empty), so that a tile's points reach few
+  // components and the kernel leaves the others out.
+  m.def("em_stats(Tensor x, Tensor means, Tensor prec_chol, Tensor logits, str covariance_type, "
+        "Tensor? order=None, bool regroup=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace fastgmmdiff

@@ -614,11 +614,12 @@ class GaussianMixture(nn.Module):
                 P = _em.Params(*(None if t is None else t.to(device, dtype) for t in P))
             lower_bound = -math.inf if do_init else self.lower_bound_
             lbs, converged, n_iter = [], False, 0
+            groups = {}  # the E-steps' row order (_em.e_step)
             bar = _progress(self.verbose, self.max_iter, init, n_init)
             for n_iter in range(1, self.max_iter + 1):
                 prev = lower_bound
                 st = _em.e_step(X, P.means, P.prec_chol, P.weights.log(), self.covariance_type,
-                                backend=self.backend, chunk_size=chunk)
+                                backend=self.backend, chunk_size=chunk, groups=groups)
                 # scikit-learn's E-step takes log weights as they are: the one-hot initialisations'
                 # weights n_k/n sum to K/n, which shifts the first lower bound by log Σ w
                 lower_bound = float(st.sum_logp) / st.n + float(P.weights.sum().log())

@@ -378,6 +378,70 @@ def test_fused_e_step_against_float64(cov, dtype, N, D, seed):
         torch.set_num_threads(threads)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+    # the estimator's later E-steps take the rows grouped by component (the first one's order;
+    # float64 data only, _em._e_step_fused)
+    groups = {}
+    for step in ("regrouping", "grouped"):
+        st = _em.e_step(X, means, U, logits, cov, chunk_size=max(1, N // 3), groups=groups)
+        assert len(groups) == (len(range(0, N, max(1, N // 3))) if dtype == torch.float64 else 0)
+        assert_close_per_element(st.sum_logp, ref[0], bar, f"{step} Σ log p")
+        for name, out, r in zip(("N_k", "S1", "S2"), (st.Nk, st.S1, st.S2), ref[1:]):
+            assert_close_per_element(out, r, bar, f"{step} {cov} {dtype} {name}")
+
+
+@pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("cov", ["diag", "spherical", "full"])
+def test_fused_e_step_row_order(cov, dtype, seed):
+    """em_stats' order and regroup: regroup returns the rows grouped by their most likely
+    component (a stable counting sort of the float64 reference's argmax ℓ; N here is within one
+    window, the next test crosses them) and the same bits as without it; with an order, the
+    kernel's sums are those of x with its rows in that order, bit for bit (the same tiles); a
+    bad order is a clear error."""
+    from fastgmmdiff import reference
+
+    N, K, D = 300, 9, 7
+    X, means, U, logits = _stats_problem(cov, N, K, D, dtype, seed)
+    args = [t.to(dtype).contiguous() for t in (means, U, logits)]
+    op = torch.ops.fastgmmdiff.em_stats
+    *plain, none = op(X, *args, cov)
+    assert none.numel() == 0
+    *same, order = op(X, *args, cov, None, True)
+    for a, b in zip(same, plain):
+        assert torch.equal(a, b)
+    assert order.dtype == torch.int64 and torch.equal(order.sort().values, torch.arange(N))
+    if dtype == torch.float64:  # float32's ℓ may swap a near tie
+        lab = reference.component_log_prob(X, *(t.double() for t in args), cov).argmax(-1)
+        assert torch.equal(order, torch.argsort(lab, stable=True))
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
+    *_, again = op(X, *args, cov, perm, True)  # the labels go to x's rows, whatever the order
+    assert torch.equal(again, order)
+    for o in (order, perm):
+        *got, _ = op(X, *args, cov, o, False)
+        *want, _ = op(X[o].contiguous(), *args, cov)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    for bad, what in ((perm.int(), "int64"), (perm[:-1], r"\[N\] = \[300\]"), (perm - 1, r"in \[0, 300\)"),
+                      (perm + 1, r"in \[0, 300\)")):
+        with pytest.raises(RuntimeError, match=what):
+            op(X, *args, cov, bad, False)
+
+
+@pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")
+def test_fused_e_step_regroups_within_windows(seed):
+    """regroup groups the rows within windows of about 2 MB of x (whole tiles; log_prob_cpu.cpp
+    group_by_label): at D = 4096 in float64 a row is 32 KB and a window the minimum, one tile of
+    64 rows, so N = 300 crosses four windows and ends in a part of one."""
+    from fastgmmdiff import reference
+
+    N, K, D = 300, 3, 4096
+    X, means, U, logits = _stats_problem("diag", N, K, D, torch.float64, seed)
+    W = max(64, (2 << 20) // (D * 8) // 64 * 64)
+    assert W == 64
+    *_, order = torch.ops.fastgmmdiff.em_stats(X, means, U, logits, "diag", None, True)
+    lab = reference.component_log_prob(X, means, U, logits, "diag").argmax(-1)
+    want = torch.cat([w0 + torch.argsort(lab[w0:w0 + W], stable=True) for w0 in range(0, N, W)])
+    assert torch.equal(order, want)
 
 
 @pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")
@@ -442,6 +506,34 @@ def test_fused_e_step_responsibilities_to_a_few_ulps(cov, seed):
     ratio = ((r - r_ref).abs() / r_ref / bar)[~below & ~(edge & (r == 0))].max().item()
     assert ratio <= 1, f"responsibilities {ratio:.3g}× their bar"
     assert (r[below] == 0).all(), "responsibilities below the floor"
+
+
+@pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_fused_e_step_floor_is_exact(cov, dtype):
+    """The responsibility floor sits exactly where kernels.inc says (float64: ℓ_k 100 below the
+    point's largest, kEmFloor; float32: 87.3, where its exp flushes), whether the kernel drops a
+    term in the exp or a component for the whole tile (live_components): one point per call, the
+    second of two components at gaps just either side of it, r_2 = 0 below and to the rounding
+    of ℓ above (the responsibilities test's bar)."""
+    floor = 100.0 if dtype == torch.float64 else 87.3
+    c = 20.0  # means 0 and c in D = 1, U = 1, equal weights: gap ℓ_2 − ℓ_1 = x c − c²/2
+    means = torch.tensor([[0.0], [c]], dtype=dtype)
+    U = torch.ones(2, 1, dtype=dtype) if cov == "diag" else torch.ones(2, 1, 1, dtype=dtype)
+    logits = torch.zeros(2, dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    for delta in (-1.5, -0.5, -0.01, 0.01, 0.5, 1.5):
+        x = torch.tensor([[(-floor + delta + c * c / 2) / c]], dtype=dtype)
+        ell = -0.5 * (x.double() - means.double()[:, 0]) ** 2  # [1, 2], from the rounded x
+        gap = float(ell[0, 1] - ell[0, 0])
+        r2 = float(torch.ops.fastgmmdiff.em_stats(x, means, U, logits, cov)[1][1])
+        if gap < -floor:
+            assert r2 == 0, (dtype, cov, gap, r2)
+        else:
+            ref = float(torch.softmax(ell, -1)[0, 1])
+            bar = 16 * eps + 4 * eps * (float(ell.abs().max()) + float(torch.logsumexp(ell, -1).abs()))
+            assert abs(r2 - ref) <= bar * ref, (dtype, cov, gap, r2, ref)
 
 
 @pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")

@@ -368,10 +368,30 @@ at::Tensor em_sum(const Prepared& r, int64_t per, Fn fn) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_stats_cpu(const at::Tensor& x, const at::Tensor& means,
-                                                                        const at::Tensor& prec,
-                                                                        const at::Tensor& logits,
-                                                                        c10::string_view covariance_type) {
+// Row indices 0..N−1 grouped by label (labels in [0, K)) within each window of W consecutive rows, in
+// row order within a group (a counting sort per window).  Windows, not the whole of x: a tile then
+// gathers its rows from one window of x (W rows of 2 MB: within the TLB's reach), where rows
+// from anywhere in x cost a page walk each (8% of the E-step at N = 200,000, D = 16, against
+// 2% from within windows); a window of 16,384 rows still holds a few tiles of each of 64 components.
+static at::Tensor group_by_label(const at::Tensor& labels, int64_t K, int64_t W) {
+  const int64_t N = labels.numel();
+  const int32_t* lab = labels.data_ptr<int32_t>();
+  at::Tensor order = at::empty({N}, labels.options().dtype(at::kLong));
+  int64_t* o = order.data_ptr<int64_t>();
+  std::vector<int64_t> start(K + 1);
+  for (int64_t w0 = 0; w0 < N; w0 += W) {
+    const int64_t w1 = std::min(N, w0 + W);
+    std::fill(start.begin(), start.end(), w0);
+    for (int64_t n = w0; n < w1; ++n) ++start[lab[n] + 1];
+    for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k] - w0;
+    for (int64_t n = w0; n < w1; ++n) o[start[lab[n]]++] = n;
+  }
+  return order;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_stats_cpu(
+    const at::Tensor& x, const at::Tensor& means, const at::Tensor& prec, const at::Tensor& logits,
+    c10::string_view covariance_type, const c10::optional<at::Tensor>& order, bool regroup) {
   FGD_CHECK(x.dim() == 2 && means.dim() == 2 && logits.dim() == 1,
             "em_stats takes x [N, D], means [K, D] and logits [K] (one mixture); got x ", x.sizes(), ", means ",
             means.sizes(), ", logits ", logits.sizes());
@@ -382,15 +402,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_stats_cpu(const at
   FGD_CHECK(r.G == 1 && r.Gx == 1, "em_stats takes one mixture");
   const int64_t K = r.K, D = r.D, ps = r.cov == kDiag ? D : r.cov == kSpherical ? 1 : D * D;
   const int64_t per = K * (1 + D + ps) + 1;  // N_k, S1, S2, Σ log p
+  at::Tensor ord;
+  if (order.has_value() && order->defined()) {
+    ord = *order;
+    FGD_CHECK(ord.dim() == 1 && ord.size(0) == r.N && ord.scalar_type() == at::kLong && ord.device().is_cpu(),
+              "em_stats: order must be an int64 CPU tensor [N] = [", r.N, "] (a permutation of the rows); got ",
+              ord.scalar_type(), " ", ord.sizes(), " on ", ord.device());
+    ord = ord.contiguous();
+    if (r.N > 0) {
+      const auto [lo, hi] = at::aminmax(ord);
+      FGD_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < r.N,
+                "em_stats: order must hold row indices in [0, ", r.N, "); got values in [", lo.item<int64_t>(),
+                ", ", hi.item<int64_t>(), "]");
+    }
+  }
+  at::Tensor labels = regroup ? at::zeros({r.N}, r.x.options().dtype(at::kInt)) : at::Tensor();
   at::Tensor tot;
   AT_DISPATCH_FLOATING_TYPES(r.x.scalar_type(), "fastgmmdiff_em_stats_cpu", [&] {
-    const Problem<scalar_t> p = problem<scalar_t>(r);
+    Problem<scalar_t> p = problem<scalar_t>(r);
+    if (ord.defined()) p.order = ord.data_ptr<int64_t>();
+    if (regroup) p.labels = labels.data_ptr<int32_t>();
     tot = em_sum(r, per, [&](int64_t b0, int64_t e0, double* acc) { run_em(p, acc, acc + per - 1, b0, e0); });
   });
+  // windows of about 2 MB of rows, whole tiles
+  const int64_t row_bytes = D * static_cast<int64_t>(r.x.element_size());
+  const int64_t W = std::max<int64_t>(kTile, (int64_t{2} << 20) / row_bytes / kTile * kTile);
+  at::Tensor next = regroup ? group_by_label(labels, K, W) : at::empty({0}, r.x.options().dtype(at::kLong));
   at::Tensor S2 = tot.narrow(0, K * (1 + D), K * ps);
   S2 = r.cov == kDiag ? S2.view({K, D}) : r.cov == kSpherical ? S2.view({K}) : S2.view({K, D, D});
   return {tot[per - 1].clone(), tot.narrow(0, 0, K).clone(), tot.narrow(0, K, K * D).view({K, D}).clone(),
-          S2.clone()};
+          S2.clone(), next};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_backward_cpu(

@@ -47,6 +47,12 @@ struct Problem {
   // The one-point kernels only (log_prob_scale): prec holds σ = 1/U (diag, spherical); they use
   // 1/σ and return the σ gradient, −∂U·U².
   bool sigma = false;
+  // The E-step (em) only: order, when set, names the rows of x in the order the tiles take them
+  // (a permutation of 0..N−1: points grouped by their likely component, so that a tile's
+  // points reach the same few components); labels, when set, gets each row's most likely
+  // component (indexed by row of x).
+  const int64_t* order = nullptr;
+  int32_t* labels = nullptr;
 };
 
 // Backward accumulators for one range of work: Σ_n of w Λ z (gmu), of w z² / w‖z‖² / w z yᵀ
