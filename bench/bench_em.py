@@ -80,7 +80,7 @@ def test_em_fit(benchmark, impl, cov, dtype):
     benchmark.pedantic(fitter(impl), args=(X, kw), rounds=1 if quick() else 3, iterations=1)
 
 
-def side_by_side(reps: int = 3):
+def side_by_side(reps: int = 5):
     """Both fits alternated (order flipped each round), the best of ``reps`` each, ratios."""
     import torch
 

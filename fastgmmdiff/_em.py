@@ -163,8 +163,9 @@ def _e_step_fused(X: Tensor, means: Tensor, prec_chol: Tensor, logits: Tensor, c
     if dt != torch.float64:
         # float32 keeps the rows as they are: grouped, its full fit was 25% faster (diag 7%), but
         # its tile sums' float32 rounding moved, and the float32 breast-cancer full fit's
-        # predict_proba went from 6.6e-5 to 1.005e-4 of scikit-learn's (bar 1e-4; at other
-        # random states the ungrouped fit is over it too: that bar is at float32's own limit)
+        # predict_proba went from 6.6e-5 to 1.005e-4 of scikit-learn's (bar 1e-4; at three other
+        # random states of eight the ungrouped fit is over it too: that bar is at float32's own
+        # limit; bench/RESULTS.md)
         groups = None
     K, D = means.shape
     U = prec_chol.detach()
