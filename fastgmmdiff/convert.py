@@ -60,12 +60,12 @@ def _as_tensor(a, name: str):
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=dtype)), lambda t: t.detach().cpu().numpy()
 
 
-def _wide(t: Tensor):
-    """(t in float64, narrow) for a float32 or half t, narrow rounding a result back to t's dtype;
-    (t, identity) for float64 or where the device has no float64."""
+def _wide(t: Tensor, back):
+    """(t in float64, back after rounding to t's dtype) for a float32 or half t, for the
+    factorisations; (t, back) for float64 or where the device has no float64."""
     if t.dtype == torch.float64 or t.device.type == "mps":
-        return t, lambda r: r
-    return t.double(), lambda r: r.to(t.dtype)
+        return t, back
+    return t.double(), lambda r: back(r.to(t.dtype))
 
 
 def _check_type(covariance_type: str, t: Tensor, name: str) -> None:
@@ -123,8 +123,8 @@ def covariance_to_prec_chol(covariances, covariance_type: str = "full"):
     if covariance_type in ("diag", "spherical"):
         _check_positive(t, "covariances")
         return back(1.0 / torch.sqrt(t))
-    w, narrow = _wide(t)
-    return back(narrow(_inv_lower_t(_cholesky(w, "covariances"))))
+    w, back = _wide(t, back)
+    return back(_inv_lower_t(_cholesky(w, "covariances")))
 
 
 def prec_chol_to_covariance(prec_chol, covariance_type: str = "full"):
@@ -134,9 +134,9 @@ def prec_chol_to_covariance(prec_chol, covariance_type: str = "full"):
     if covariance_type in ("diag", "spherical"):
         _check_positive(t, "prec_chol")
         return back(1.0 / (t * t))
-    w, narrow = _wide(t)
+    w, back = _wide(t, back)
     Uinv_t = _inv_upper_t(w.triu())  # U⁻ᵀ, lower
-    return back(narrow(Uinv_t @ Uinv_t.mT))
+    return back(Uinv_t @ Uinv_t.mT)
 
 
 def precision_to_prec_chol(precisions, covariance_type: str = "full"):
@@ -148,8 +148,8 @@ def precision_to_prec_chol(precisions, covariance_type: str = "full"):
     if covariance_type in ("diag", "spherical"):
         _check_positive(t, "precisions")
         return back(torch.sqrt(t))
-    w, narrow = _wide(t)
-    return back(narrow(_cholesky(w.flip(-1, -2), "precisions").flip(-1, -2)))
+    w, back = _wide(t, back)
+    return back(_cholesky(w.flip(-1, -2), "precisions").flip(-1, -2))
 
 
 def prec_chol_to_precision(prec_chol, covariance_type: str = "full"):
@@ -158,9 +158,9 @@ def prec_chol_to_precision(prec_chol, covariance_type: str = "full"):
     _check_type(covariance_type, t, "prec_chol")
     if covariance_type in ("diag", "spherical"):
         return back(t * t)
-    w, narrow = _wide(t)
+    w, back = _wide(t, back)
     U = w.triu()
-    return back(narrow(U @ U.mT))
+    return back(U @ U.mT)
 
 
 def scale_tril_to_prec_chol(scale_tril):
@@ -168,16 +168,16 @@ def scale_tril_to_prec_chol(scale_tril):
     Entries of L above the diagonal are ignored, as ``torch.linalg.solve_triangular`` does."""
     t, back = _as_tensor(scale_tril, "scale_tril")
     _check_type("tied", t, "scale_tril")
-    w, narrow = _wide(t)
-    return back(narrow(_inv_lower_t(w.tril())))
+    w, back = _wide(t, back)
+    return back(_inv_lower_t(w.tril()))
 
 
 def prec_chol_to_scale_tril(prec_chol):
     """torch's ``scale_tril`` L = U⁻ᵀ (lower triangular, Σ = L Lᵀ) from U, ``[..., D, D]``."""
     t, back = _as_tensor(prec_chol, "prec_chol")
     _check_type("tied", t, "prec_chol")
-    w, narrow = _wide(t)
-    return back(narrow(_inv_upper_t(w.triu())))
+    w, back = _wide(t, back)
+    return back(_inv_upper_t(w.triu()))
 
 
 def scale_to_prec_chol(scale):

@@ -353,6 +353,8 @@ at::Tensor log_prob_cpu(const at::Tensor& x, const at::Tensor& means, const at::
 // chunks' sums added in order: the same bits for any thread count.
 namespace {
 
+bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 // Runs fn(b, e, chunk buffer) over the tiles and returns the chunks' buffers [per] summed in order.
 template <typename Fn>
 at::Tensor em_sum(const Prepared& r, int64_t per, Fn fn) {
@@ -403,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_stats_
   const int64_t K = r.K, D = r.D, ps = r.cov == kDiag ? D : r.cov == kSpherical ? 1 : D * D;
   const int64_t per = K * (1 + D + ps) + 1;  // N_k, S1, S2, Σ log p
   at::Tensor ord;
-  if (order.has_value() && order->defined()) {
+  if (has(order)) {
     ord = *order;
     FGD_CHECK(ord.dim() == 1 && ord.size(0) == r.N && ord.scalar_type() == at::kLong && ord.device().is_cpu(),
               "em_stats: order must be an int64 CPU tensor [N] = [", r.N, "] (a permutation of the rows); got ",
@@ -479,8 +481,6 @@ at::Tensor canonical_target(const Prepared& r, const at::Tensor& target, const a
   check_target(vt.last, r.G, r.N, x);
   return vt.last.contiguous();
 }
-
-bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace
 
