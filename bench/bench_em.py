@@ -185,28 +185,29 @@ def fma_ops(cov: str, d: int = D, live: float = 1.0) -> float:
     return (tri + d) + live * (exp + d + tri)
 
 
-def live_fraction(X, kw, cov: str, order=None) -> tuple[float, float]:
-    """The fraction of (point, component) pairs whose ℓ is within the responsibility floor (100)
-    of the point's largest (those the E-step must sum), and the fraction of (tile of 64 points,
-    component) pairs with at least one such point, the tiles taking the rows in ``order``
-    (None: as they are): those whose softmax and sums the kernel runs."""
+def live_pairs(X, kw, cov: str):
+    """[N, K] booleans: whether a (point, component) pair's ℓ is within the responsibility floor
+    (100) of the point's largest (those the E-step must sum)."""
     import torch
 
     from fastgmmdiff import convert, reference
 
     U = convert.precision_to_prec_chol(torch.from_numpy(np.asarray(kw["precisions_init"])), cov)
     means, logits = torch.from_numpy(kw["means_init"]), torch.from_numpy(np.log(kw["weights_init"]))
-    x = torch.from_numpy(X)
-    if order is not None:
-        x = x[order]
-    pairs = tiles = 0
-    for xc in x.split(4096):  # full's reference forms [n, K, D, D]; 4096 is whole tiles
+    live = []
+    for xc in torch.from_numpy(X).split(4096):  # full's reference forms [n, K, D, D]
         lp = reference.component_log_prob(xc, means, U, logits, cov)
-        live = lp >= lp.amax(-1, keepdim=True) - 100
-        pairs += live.sum().item()
-        tiles += sum(t.any(0).sum().item() for t in live.split(64))
-    K = kw["means_init"].shape[0]
-    return pairs / (X.shape[0] * K), tiles / (-(-X.shape[0] // 64) * K)
+        live.append(lp >= lp.amax(-1, keepdim=True) - 100)
+    return torch.cat(live)
+
+
+def tiles_run(live, order=None) -> float:
+    """The fraction of (tile of 64 points, component) pairs with at least one live pair (``live``:
+    live_pairs'), the tiles taking the rows in ``order`` (None: as they are): those whose softmax
+    and sums the kernel runs."""
+    if order is not None:
+        live = live[order]
+    return sum(t.any(0).sum().item() for t in live.split(64)) / (-(-live.shape[0] // 64) * live.shape[1])
 
 
 def fma_peak(threads: int) -> float | None:
@@ -262,6 +263,8 @@ def floor_table(reps: int = 7):
         logits = torch.from_numpy(np.log(kw["weights_init"]))
         op = torch.ops.fastgmmdiff.em_stats
         grouped = op(x, means, U, logits, cov, None, True)[4]
+        live_mask = live_pairs(X, kw, cov)
+        live = live_mask.double().mean().item()
         for rows, order in (("random", None), ("grouped", grouped)):
             op(x, means, U, logits, cov, order)
             ts = []
@@ -270,7 +273,7 @@ def floor_table(reps: int = 7):
                 op(x, means, U, logits, cov, order)
                 ts.append(time.perf_counter() - t0)
             t = min(ts)
-            live, run = live_fraction(X, kw, cov, order)
+            run = tiles_run(live_mask, order)
             work = N * K * fma_ops(cov, live=live)
             f_peak = work / peak if peak else float("nan")
             f_gemm = work / gemm
