@@ -166,6 +166,17 @@ def gradient_bounds(fn, args, upstream, ref_grads, rtol: float) -> list:
     return bounds
 
 
+def plain_bounds(plain: torch.Tensor, ref: torch.Tensor, rtol: float) -> torch.Tensor:
+    """``gradient_bounds``' rule for a sum over points that is no gradient of one output (the
+    E-step's N_k, S1, S2): per element ``rtol``·(|ref| + rms(ref)), or where plain PyTorch's own
+    result at the working dtype (``plain``: the reference's formulas run at that dtype) is
+    further off — far points near a tie of components — twice plain PyTorch's error, capped at
+    ``LOOSEN_CAP`` × the bar.  ``check_gradient`` warns when an element needs the loosened part."""
+    bar = rtol * _scale(ref.detach().double()) + _underflow(plain.dtype)
+    plain_err = torch.nan_to_num(_errors(plain, ref), nan=float("inf"))
+    return torch.maximum(bar, torch.minimum(2.0 * plain_err, LOOSEN_CAP * bar))
+
+
 def _sensitivity(fn, args, upstream, ref_grads, tries: int = 2) -> list:
     """Per element, how far the float64 reference gradient moves when every input moves by
     √D unit roundoffs of the working precision (float32 for every dtype but float64; random
