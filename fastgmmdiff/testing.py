@@ -159,22 +159,23 @@ def gradient_bounds(fn, args, upstream, ref_grads, rtol: float) -> list:
             bounds.append(None)
             continue
         g = torch.zeros_like(r) if g is None else g
-        bar = rtol * _scale(r.detach().double()) + _underflow(args[0].dtype)
-        plain_err = torch.nan_to_num(_errors(g, r), nan=float("inf"))
-        loose = torch.maximum(2.0 * plain_err, 2.0 * dr)
-        bounds.append(torch.maximum(bar, torch.minimum(loose, LOOSEN_CAP * bar)))
+        bounds.append(plain_bounds(g, r, rtol, moved=dr, dtype=args[0].dtype))
     return bounds
 
 
-def plain_bounds(plain: torch.Tensor, ref: torch.Tensor, rtol: float) -> torch.Tensor:
-    """``gradient_bounds``' rule for a sum over points that is no gradient of one output (the
-    E-step's N_k, S1, S2): per element ``rtol``·(|ref| + rms(ref)), or where plain PyTorch's own
-    result at the working dtype (``plain``: the reference's formulas run at that dtype) is
-    further off — far points near a tie of components — twice plain PyTorch's error, capped at
-    ``LOOSEN_CAP`` × the bar.  ``check_gradient`` warns when an element needs the loosened part."""
-    bar = rtol * _scale(ref.detach().double()) + _underflow(plain.dtype)
-    plain_err = torch.nan_to_num(_errors(plain, ref), nan=float("inf"))
-    return torch.maximum(bar, torch.minimum(2.0 * plain_err, LOOSEN_CAP * bar))
+def plain_bounds(plain: torch.Tensor, ref: torch.Tensor, rtol: float, moved=None, dtype=None) -> torch.Tensor:
+    """The loosening rule (module docstring) per element: ``rtol``·(|ref| + rms(ref)) + the
+    smallest normal of ``dtype`` (default: plain's), or where plain PyTorch's own result at the
+    working dtype (``plain``: the reference's formulas run at that dtype) is further off — far
+    points near a tie of components — twice plain PyTorch's error (or twice ``moved``, the
+    reference's own movement, where larger: ``gradient_bounds``), capped at ``LOOSEN_CAP`` × the
+    bar.  Also for sums over points that are no gradient of one output (the E-step's N_k, S1,
+    S2).  ``check_gradient`` warns when an element needs the loosened part."""
+    bar = rtol * _scale(ref.detach().double()) + _underflow(plain.dtype if dtype is None else dtype)
+    loose = 2.0 * torch.nan_to_num(_errors(plain, ref), nan=float("inf"))
+    if moved is not None:
+        loose = torch.maximum(loose, 2.0 * moved)
+    return torch.maximum(bar, torch.minimum(loose, LOOSEN_CAP * bar))
 
 
 def _sensitivity(fn, args, upstream, ref_grads, tries: int = 2) -> list:

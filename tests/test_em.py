@@ -361,14 +361,16 @@ def test_fused_e_step_against_float64(cov, dtype, N, D, seed):
     ref = _stats_reference(X, means, U, logits, cov)
     bar = bars(dtype).grad
     bounds = [plain_bounds(p, r, bar) for p, r in zip(_stats_reference(X, means, U, logits, cov, dtype)[1:], ref[1:])]
+
+    def check_stats(st, what):
+        for name, out, r, b in zip(("N_k", "S1", "S2"), (st.Nk, st.S1, st.S2), ref[1:], bounds):
+            assert out.shape == r.shape, (name, out.shape, r.shape)
+            check_gradient(out, r, b, bar, f"{what} {cov} {dtype} {name}")
+
     assert st.n == N
     assert_close_per_element(st.sum_logp, ref[0], bar, "Σ log p")
-    for name, out, r, b in zip(("N_k", "S1", "S2"), (st.Nk, st.S1, st.S2), ref[1:], bounds):
-        assert out.shape == r.shape, (name, out.shape, r.shape)
-        check_gradient(out, r, b, bar, f"{cov} {dtype} {name}")
-    chunked = _em.e_step(X, means, U, logits, cov, chunk_size=max(1, N // 3))
-    for name, a, r, b in zip(("N_k", "S1", "S2"), (chunked.Nk, chunked.S1, chunked.S2), ref[1:], bounds):
-        check_gradient(a, r, b, bar, f"chunked {name}")
+    check_stats(st, "one pass")
+    check_stats(_em.e_step(X, means, U, logits, cov, chunk_size=max(1, N // 3)), "chunked")
     # the kernel's own sums (before _em's float64 algebra, whose matrix products need not give
     # the same bits on one and two threads)
     Uk = U.expand(K, D, D) if cov == "tied" else U
@@ -390,8 +392,7 @@ def test_fused_e_step_against_float64(cov, dtype, N, D, seed):
         st = _em.e_step(X, means, U, logits, cov, chunk_size=max(1, N // 3), groups=groups)
         assert len(groups) == (len(range(0, N, max(1, N // 3))) if dtype == torch.float64 else 0)
         assert_close_per_element(st.sum_logp, ref[0], bar, f"{step} Σ log p")
-        for name, out, r, b in zip(("N_k", "S1", "S2"), (st.Nk, st.S1, st.S2), ref[1:], bounds):
-            check_gradient(out, r, b, bar, f"{step} {cov} {dtype} {name}")
+        check_stats(st, step)
 
 
 @pytest.mark.skipif("cpu" not in fg.available_backends(), reason="the CPU kernels are not built")
